@@ -1,0 +1,22 @@
+// Turns a runtime dtype code into a compile-time storage type.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+#include "common/types.h"
+
+namespace pyfast {
+
+// Calls fn(T{}) with T the storage type of `dtype`; fn must be a generic lambda.
+template <class Fn> decltype(auto) dispatch_float(int dtype, Fn&& fn) {
+  switch (static_cast<DType>(dtype)) {
+    case DType::Float32: return fn(float{});
+    case DType::Float64: return fn(double{});
+    case DType::Float16: return fn(Half{});
+    case DType::BFloat16: return fn(BFloat16{});
+  }
+  throw std::invalid_argument("pyfast: unsupported dtype code " + std::to_string(dtype));
+}
+
+}  // namespace pyfast
