@@ -1,0 +1,96 @@
+"""Pure-PyTorch twins of the fused ops.
+
+Each function here is the executable specification of its op (see DESIGN.md): the tests compare
+the kernels against it in float64, the benchmarks use it as the eager baseline (and compile it
+for the torch.compile baseline), and the public ops fall back to it where no native backend
+exists. Written for clarity, not speed; autograd provides the gradients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_MODES = ("iou", "giou", "diou", "ciou")
+
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
+def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
+
+
+def _nonfinite_poison(*boxes: torch.Tensor) -> torch.Tensor:
+    """0 per box for finite coordinates, NaN when any coordinate is NaN or infinite."""
+    return sum((b - b).sum(-1) for b in boxes)
+
+
+def box_iou_reference(pred, target, *, mode="iou", box_format="xyxy", eps=1e-7) -> torch.Tensor:
+    """Paired IoU variant (N,) of two sets of boxes, computed in float32 (float64 for float64)."""
+    p, t = _acc(pred), _acc(target)
+    poison = _nonfinite_poison(p, t)
+    if box_format == "cxcywh":
+        p, t = cxcywh_to_xyxy(p), cxcywh_to_xyxy(t)
+    px1, py1, px2, py2 = p.unbind(-1)
+    tx1, ty1, tx2, ty2 = t.unbind(-1)
+    wp, hp = (px2 - px1).clamp(min=0), (py2 - py1).clamp(min=0)
+    wg, hg = (tx2 - tx1).clamp(min=0), (ty2 - ty1).clamp(min=0)
+    iw = (torch.minimum(px2, tx2) - torch.maximum(px1, tx1)).clamp(min=0)
+    ih = (torch.minimum(py2, ty2) - torch.maximum(py1, ty1)).clamp(min=0)
+    inter = iw * ih
+    union = wp * hp + wg * hg - inter
+    iou = inter / (union + eps)
+    if mode == "iou":
+        return iou + poison
+    cw = (torch.maximum(px2, tx2) - torch.minimum(px1, tx1)).clamp(min=0)
+    ch = (torch.maximum(py2, ty2) - torch.minimum(py1, ty1)).clamp(min=0)
+    if mode == "giou":
+        area_c = cw * ch
+        return iou - (area_c - union) / (area_c + eps) + poison
+    dx = (px1 + px2 - tx1 - tx2) / 2
+    dy = (py1 + py2 - ty1 - ty2) / 2
+    diou = iou - (dx**2 + dy**2) / (cw**2 + ch**2 + eps)
+    if mode == "diou":
+        return diou + poison
+    v = (4 / math.pi**2) * (torch.atan(wg / (hg + eps)) - torch.atan(wp / (hp + eps))) ** 2
+    with torch.no_grad():
+        alpha = v / (1 - iou + v + eps)
+    return diou - alpha * v + poison
+
+
+def _reduce(loss: torch.Tensor, reduction: str, avg_factor) -> torch.Tensor:
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    if avg_factor is None:
+        return total / max(loss.shape[0], 1)
+    return total / avg_factor
+
+
+def box_loss_reference(
+    pred,
+    target,
+    *,
+    mode="giou",
+    box_format="xyxy",
+    l1_weight=1.0,
+    iou_weight=1.0,
+    weight=None,
+    reduction="mean",
+    avg_factor=None,
+    eps=1e-7,
+) -> torch.Tensor:
+    """L1 (on the given coordinates) + (1 - IoU variant) per box, weighted and reduced."""
+    p, t = _acc(pred), _acc(target)
+    l1 = (p - t).abs().mean(-1)
+    variant = box_iou_reference(p, t, mode=mode, box_format=box_format, eps=eps)
+    loss = l1_weight * l1 + iou_weight * (1 - variant)
+    if weight is not None:
+        loss = loss * weight.to(loss.dtype)
+    return _reduce(loss, reduction, avg_factor)
