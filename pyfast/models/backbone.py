@@ -1,0 +1,89 @@
+"""Frozen feature extractors.
+
+`TinyBackbone` is the default: a small conv stack with seeded random weights (no download), enough
+to carry edges and shapes to the heads. Any other extractor plugs in through
+`load_backbone("module:callable")`: the callable builds an `nn.Module` mapping (B, 3, S, S) images in
+[0, 1] to a (B, C, h, w) feature map; its stride is found by probing.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import nn
+
+DEFAULT_BACKBONE = "pyfast.models.backbone:TinyBackbone"
+
+
+class BackboneError(ValueError):
+    """A backbone that cannot be loaded or does not produce a (B, C, h, w) map."""
+
+
+class TinyBackbone(nn.Module):
+    """Conv3x3-ReLU stack, stride 4, seeded weights. Deterministic for a given `seed`."""
+
+    def __init__(self, channels: tuple[int, ...] = (32, 64, 64), seed: int = 0):
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = 3
+        for i, cout in enumerate(channels):
+            layers += [nn.Conv2d(cin, cout, 3, stride=2 if i < 2 else 1, padding=1), nn.ReLU(inplace=True)]
+            cin = cout
+        self.body = nn.Sequential(*layers)
+        self.out_channels = cin
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for m in self.body:
+                if isinstance(m, nn.Conv2d):
+                    fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+                    m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.05)
+        self.register_buffer("mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body((images - self.mean) * 4.0)
+
+
+def load_backbone(spec: str | None = None) -> nn.Module:
+    """Build the backbone named by `module:callable` (default: TinyBackbone), frozen and in eval mode."""
+    spec = spec or DEFAULT_BACKBONE
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise BackboneError(f"--backbone must look like module:callable, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise BackboneError(f"cannot import backbone module {module_name!r}: {exc}") from exc
+    factory = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise BackboneError(f"module {module_name!r} has no attribute {attr!r}")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise BackboneError(f"{spec} returned {type(model).__name__}, expected a torch.nn.Module")
+    return freeze(model)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def probe(model: nn.Module, image_size: int, device: torch.device | str = "cpu") -> tuple[int, int]:
+    """(channels, stride) of `model` at `image_size`, by running it once on a blank image."""
+    x = torch.zeros(1, 3, image_size, image_size, device=device)
+    y = model(x)
+    if not isinstance(y, torch.Tensor) or y.dim() != 4 or y.shape[0] != 1:
+        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise BackboneError(f"backbone must return a (B, C, h, w) tensor, got {shape}")
+    h, w = y.shape[-2:]
+    if h != w or image_size % h != 0:
+        raise BackboneError(
+            f"backbone maps a {image_size}x{image_size} image to {h}x{w}: need a square map whose size divides the input"
+        )
+    return int(y.shape[1]), image_size // h
