@@ -61,6 +61,10 @@ class CacheStats:
         lookups = self.hits + self.misses
         return self.hits / lookups if lookups else 0.0
 
+    def __add__(self, other: "CacheStats") -> "CacheStats":
+        """Totals of two counters, e.g. those reported back by DataLoader workers."""
+        return CacheStats(**{k: getattr(self, k) + getattr(other, k) for k in asdict(self)})
+
     def as_dict(self) -> dict:
         return {**asdict(self), "hit_rate": self.hit_rate}
 
@@ -115,6 +119,7 @@ class FeatureCache:
         self.stats = CacheStats()
         self._made_dirs: set[str] = set()
         self._approx_bytes: int | None = None  # of everything under root, for max_bytes
+        self._written_since_scan = 0
 
     def __repr__(self) -> str:
         return f"FeatureCache({self.root!r}, fingerprint={self.fingerprint!r}, entries in {self.directory!r})"
@@ -224,15 +229,24 @@ class FeatureCache:
         self.stats.puts += 1
         self.stats.bytes_written += size
         if self.max_bytes is not None:
-            if self._approx_bytes is None:
-                self._approx_bytes = self.disk_usage()
-            else:
-                self._approx_bytes += size
-            if self._approx_bytes > self.max_bytes:
-                self.evict()
+            self._account(size)
         return size
 
     # ---- size bound ----
+
+    def _account(self, size: int) -> None:
+        """Runs an eviction pass when our estimate of the total passes max_bytes, and also after
+        every 10% of max_bytes we wrote: other processes' writes are only seen by a scan, so
+        this bounds the overshoot of N concurrent writers to about N * 10% of max_bytes."""
+        self._written_since_scan += size
+        if self._approx_bytes is not None:
+            self._approx_bytes += size
+        if (
+            self._approx_bytes is None
+            or self._approx_bytes > self.max_bytes
+            or self._written_since_scan >= self.max_bytes * (1 - _EVICT_TO)
+        ):
+            self.evict()
 
     def _entries(self):
         """(mtime_ns, size, path) of every entry under root, all fingerprints."""
@@ -260,6 +274,7 @@ class FeatureCache:
         Also clears temporaries left by crashed writers. Returns the number of entries removed."""
         entries = self._entries()
         total = sum(size for _m, size, _p in entries)
+        self._written_since_scan = 0
         if target_bytes is None:
             if self.max_bytes is None or total <= self.max_bytes:
                 self._approx_bytes = total

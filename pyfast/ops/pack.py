@@ -86,8 +86,9 @@ def _pack_cast_fake(tensors, dtype, saturate):
 
 def pack_buffers(tensors: Sequence[torch.Tensor], dtype: torch.dtype, saturate: bool, names=None):
     """Casts `tensors` (one device, any float dtype) into one buffer; see the module docstring."""
-    tensors = list(tensors)
-    check_pack_inputs(tensors, dtype, names)
+    check_pack_inputs(list(tensors), dtype, names)
+    # Packing stores values; it is not differentiable (and the op has no autograd formula).
+    tensors = [t.detach() for t in tensors]
     if not tensors:
         return (
             torch.empty(0, dtype=dtype),

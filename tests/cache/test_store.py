@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pyfast
-from pyfast.cache import FeatureCache
+from pyfast.cache import CacheStats, FeatureCache
 from pyfast.cache._io import remove_stale_temporaries
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -205,6 +205,38 @@ def test_lru_eviction_keeps_recently_read_entries(tmp_path):
     assert "k1" not in cache  # least recently used
     assert all(k in cache for k in ("k0", "k2", "k3", "k4"))
     assert cache.disk_usage() <= cache.max_bytes
+
+
+def _bounded_writer(root, worker, max_bytes):
+    cache = FeatureCache(root, "fp", max_bytes=max_bytes)
+    for i in range(30):
+        cache.put(f"w{worker}/{i}", features(i))
+        cache.get(f"w{worker}/{max(0, i - 3)}")
+
+
+def test_concurrent_eviction_stays_bounded(tmp_path):
+    entry = FeatureCache(tmp_path / "probe", "fp").put("k", features())
+    max_bytes = entry * 10
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_bounded_writer, args=(str(tmp_path / "c"), w, max_bytes)) for w in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    cache = FeatureCache(tmp_path / "c", "fp", max_bytes=max_bytes)
+    # Each process rescans after writing 10% of the bound: 3 writers overshoot by at most that each.
+    assert cache.disk_usage() <= max_bytes + 3 * (max_bytes // 10 + entry)
+    cache.evict()
+    assert cache.disk_usage() <= max_bytes
+
+
+def test_stats_add_up_across_workers():
+    a = CacheStats(hits=2, misses=1, bytes_read=10)
+    b = CacheStats(hits=1, misses=2, corrupt=1)
+    total = a + b
+    assert (total.hits, total.misses, total.corrupt, total.bytes_read) == (3, 3, 1, 10)
+    assert total.hit_rate == 0.5
 
 
 def test_bad_arguments(tmp_path):

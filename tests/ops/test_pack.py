@@ -172,6 +172,23 @@ def test_bad_arguments_name_the_argument():
         pyfast.pack({"__metadata__": torch.ones(1)})
 
 
+def test_reference_backend_gives_the_same_pack(monkeypatch):
+    from pyfast import _native
+
+    inputs = {"a": torch.randn(100) * 1e5, "b": torch.randn(7, dtype=torch.float64)}
+    native = pyfast.pack(inputs, overflow="saturate")
+    monkeypatch.setattr(_native, "_setting", "reference")
+    reference = pyfast.pack(inputs, overflow="saturate")
+    assert torch.equal(native.buffer.view(torch.int16), reference.buffer.view(torch.int16))
+    assert native.stats == reference.stats
+
+
+def test_inputs_that_require_grad_are_packed_as_values():
+    x = torch.randn(10, requires_grad=True)
+    out = pyfast.pack({"x": x * 2}).unpack()["x"]
+    assert not out.requires_grad and torch.equal(out, (x * 2).detach().half())
+
+
 def test_opcheck():
     tensors = [torch.randn(5, 3), torch.randn(7, dtype=torch.float64)]
     torch.library.opcheck(torch.ops.pyfast.pack_cast.default, (tensors, torch.float16, False))
