@@ -54,6 +54,8 @@ def test_round_trip_views_and_stats(tmp_path, mmap):
     for name, t in tensors.items():
         assert torch.equal(out[name], t.half())
         assert base <= out[name].data_ptr() < end or out[name].numel() == 0  # a view, not a copy
+    same = loaded.unpack(device="cpu", dtype=torch.float16)  # nothing changes: still views
+    assert same["features"].data_ptr() == out["features"].data_ptr()
     as_float = loaded.unpack(dtype=torch.float32)
     assert as_float["features"].dtype == torch.float32 and torch.equal(as_float["features"], tensors["features"].half().float())
 
