@@ -54,6 +54,7 @@ PYBIND11_MODULE(_C, m) {
                          ptr<int64_t>(counts), ptr<double>(absmax), threads);
       },
       nogil);
+  m.def("_pack_cpu_force_generic", &pyfast::pack_cpu_force_generic, "tests only: skip the AVX2 pack loops");
 #if PYFAST_WITH_CUDA
   m.def(
       "pack_cuda",

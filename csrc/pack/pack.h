@@ -29,6 +29,9 @@ static_assert(sizeof(PackItem) == 32, "PackItem is read as 4 int64 per item from
 void pack_cpu(const PackItem* items, int64_t num_items, void* dst, int out_dtype, bool saturate, int64_t* counts,
               double* absmax, int num_threads);
 
+// Tests only: use the baseline-ISA loops even where AVX2 + F16C are available.
+void pack_cpu_force_generic(bool on);
+
 #if PYFAST_WITH_CUDA
 // `items` is a device copy of the item table; `max_numel` the largest item (sizes the grid).
 void pack_cuda(const PackItem* items, int64_t num_items, int64_t max_numel, void* dst, int out_dtype, bool saturate,

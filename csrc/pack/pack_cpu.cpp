@@ -6,6 +6,7 @@
 // at run time, so the statistics ride along with a vectorized cast instead of costing a second pass.
 // float32 -> float16, the common case, has a hand-written AVX2 body on the hardware conversion.
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <type_traits>
 
@@ -25,6 +26,9 @@ namespace {
 constexpr int64_t kChunk = 1 << 16;  // elements; a chunk's counts fit in 32 bits
 // Below ~256k elements (1 MB of float32) a second thread costs more to start than it saves.
 constexpr int64_t kMinChunksPerThread = 4;
+
+// Set by tests to run the baseline-ISA loops on machines that have AVX2.
+std::atomic<bool> force_generic{false};
 
 struct ChunkStats {
   int64_t nonfinite = 0, overflow = 0;
@@ -120,7 +124,7 @@ __attribute__((target("avx2,f16c,fma"))) ChunkStats f32_f16_avx2(const void* src
 
 bool has_avx2() {
   static const bool value = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  return value;
+  return value && !force_generic.load(std::memory_order_relaxed);
 }
 #endif
 
@@ -144,6 +148,8 @@ RangeFn range_for(int src_dtype, int out_dtype, bool saturate) {
 }
 
 }  // namespace
+
+void pack_cpu_force_generic(bool on) { force_generic.store(on); }
 
 void pack_cpu(const PackItem* items, int64_t num_items, void* dst, int out_dtype, bool saturate, int64_t* counts,
               double* absmax, int num_threads) {

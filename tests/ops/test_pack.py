@@ -61,6 +61,27 @@ def test_bit_identical_to_torch_cast(source, target):
     assert_same_bits(buffer, x.to(target).reshape(-1))
 
 
+@pytest.fixture(params=["simd", "generic"])
+def isa(request):
+    """Runs a test with the AVX2 loops (where the CPU has them) and with the baseline-ISA loops."""
+    from pyfast import _native
+
+    generic = request.param == "generic"
+    _native._C._pack_cpu_force_generic(generic)
+    yield request.param
+    _native._C._pack_cpu_force_generic(False)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("saturate", [False, True])
+def test_both_cpu_code_paths_agree_with_reference(isa, target, saturate):
+    inputs = mixed_inputs() + [halfway_float32(), random_bits_float32(4099)]
+    got = pack_buffers(inputs, target, saturate)
+    want = pack_reference(inputs, dtype=target, saturate=saturate)
+    assert_same_bits(got[0], want[0])
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_float64_rounds_through_float32_like_torch(target):
     # Doubles just above a float16/bfloat16 halfway point that round to the halfway point in
