@@ -19,7 +19,7 @@ constexpr int64_t kMinBlocksPerThread = 8;
 // The per-box loops below are branch-free maps over one block (the weight and output choices are
 // template parameters) so that the compiler vectorizes them.
 template <bool VARIANT, bool WEIGHTED, class T, class Loss, class A>
-void map_block(const Loss& loss, int64_t count, const T* pred, const T* target, const A* weight, A* out) {
+PYFAST_SIMD_CLONES void map_block(const Loss& loss, int64_t count, const T* pred, const T* target, const A* weight, A* out) {
   for (int64_t j = 0; j < count; ++j) {
     A p[4], t[4];
     box::load_box(pred + 4 * j, p);
@@ -75,7 +75,7 @@ void forward_impl(const Loss& loss, int64_t n, const T* pred, const T* target, c
 }
 
 template <bool SCALAR_GRAD, bool WEIGHTED, bool TARGET_GRAD, class T, class Loss, class A>
-void backward_block(const Loss& loss, int64_t count, const A* grad_out, A g_scalar, A scale, const T* pred,
+PYFAST_SIMD_CLONES void backward_block(const Loss& loss, int64_t count, const A* grad_out, A g_scalar, A scale, const T* pred,
                     const T* target, const A* weight, T* grad_pred, T* grad_target) {
   for (int64_t j = 0; j < count; ++j) {
     A p[4], t[4], gp[4], gt[4];

@@ -29,13 +29,26 @@ template <class A> PYFAST_HD A max_grad_a(A a, A b) { return A(a > b) + A(0.5) *
 template <class A> PYFAST_HD A min_grad_a(A a, A b) { return A(a < b) + A(0.5) * A(a == b); }
 template <class A> PYFAST_HD A sign(A x) { return A(x > A(0)) - A(x < A(0)); }
 
-template <class A> PYFAST_HD A atan_(A x) {
+// atan of a non-negative argument (an aspect ratio). On the CPU in float, a branch-free
+// Cephes-style polynomial (max error ~2 ulp) that vectorizes, where a call to atanf would not.
+template <class A> PYFAST_HD A atan_nonneg(A x) {
 #if defined(__CUDA_ARCH__)
   return atan(x);
 #else
   return std::atan(x);
 #endif
 }
+#if !defined(__CUDA_ARCH__)
+template <> PYFAST_HD float atan_nonneg<float>(float x) {
+  const bool large = x > 2.414213562373095f;   // tan(3pi/8)
+  const bool medium = x > 0.4142135623730950f;  // tan(pi/8)
+  const float offset = large ? 1.5707963267948966f : (medium ? 0.7853981633974483f : 0.0f);
+  const float r = large ? -1.0f / x : (medium ? (x - 1.0f) / (x + 1.0f) : x);
+  const float z = r * r;
+  const float poly = ((8.05374449538e-2f * z - 1.38776856032e-1f) * z + 1.99777106478e-1f) * z - 3.33329491539e-1f;
+  return offset + (poly * z * r + r);
+}
+#endif
 
 // Extent of the enclosing box along one axis: the hull of all four coordinates. For valid boxes
 // this is max(a2, b2) - min(a1, b1), the usual enclosing box; for inverted boxes it stays >= the
@@ -105,7 +118,7 @@ template <int MODE, class A> PYFAST_HD A variant_forward(const A* p, const A* t,
   const A dy = A(0.5) * (p[1] + p[3] - t[1] - t[3]);
   const A diou = iou - (dx * dx + dy * dy) / (cw * cw + ch * ch + eps);
   if (MODE == kDIoU) return diou;
-  const A diff = atan_(wg / (hg + eps)) - atan_(wp / (hp + eps));
+  const A diff = atan_nonneg(wg / (hg + eps)) - atan_nonneg(wp / (hp + eps));
   const A v = A(kFourOverPiSquared) * diff * diff;
   const A alpha = v / (A(1) - iou + v + eps);  // a constant for the gradient
   return diou - alpha * v;
@@ -157,7 +170,7 @@ template <int MODE, class A> PYFAST_HD void variant_backward(const A* p, const A
       if (MODE == kCIoU) {
         const A hpe = hp + eps, hge = hg + eps;
         const A rp = wp / hpe, rg = wg / hge;
-        const A diff = atan_(rg) - atan_(rp);
+        const A diff = atan_nonneg(rg) - atan_nonneg(rp);
         const A v = A(kFourOverPiSquared) * diff * diff;
         const A alpha = v / (A(1) - iou + v + eps);
         const A g_diff = -g * alpha * A(2) * A(kFourOverPiSquared) * diff;
