@@ -21,6 +21,7 @@ import torch
 
 SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16"}
 DTYPES_BY_NAME = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+ITEMSIZE = 2  # both packed dtypes
 META_KEY = "__metadata__"
 FORMAT_KEY = "pyfast.packed"
 FORMAT_VERSION = "1"
@@ -37,7 +38,7 @@ class PackedFormatError(ValueError):
 
 def encode_header(dtype: torch.dtype, entries: dict, metadata: dict[str, str]) -> bytes:
     """The 8-byte length + padded JSON header for `entries` (name -> (offset, shape), in elements)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = ITEMSIZE
     header: dict = {META_KEY: metadata} if metadata else {}
     name = SAFETENSORS_DTYPES[dtype]
     for key, (offset, shape) in entries.items():
@@ -48,10 +49,11 @@ def encode_header(dtype: torch.dtype, entries: dict, metadata: dict[str, str]) -
     return struct.pack("<Q", padded) + text + b" " * (padded - len(text))
 
 
-def header_length(prefix: bytes, file_size: int) -> int:
+def header_length(prefix, file_size: int) -> int:
+    """N from the first 8 bytes of a file of `file_size` bytes (`prefix`: any bytes-like object)."""
     if file_size < 8 or len(prefix) < 8:
         raise PackedFormatError(f"file too short for a safetensors header ({file_size} bytes)")
-    (n,) = struct.unpack("<Q", bytes(prefix[:8]))
+    (n,) = struct.unpack_from("<Q", prefix)
     if n > MAX_HEADER_BYTES or 8 + n > file_size:
         raise PackedFormatError(f"header length {n} does not fit a {file_size}-byte file")
     return n
@@ -65,13 +67,14 @@ def decode_header(text: bytes, data_bytes: int):
     mixed dtypes, shapes that disagree with offsets, holes, overlaps, or data of another size.
     """
     try:
-        header = json.loads(bytes(text).decode("utf-8"))
+        header = json.loads(bytes(text))  # bytes: json detects and checks the UTF-8 itself
     except (UnicodeDecodeError, ValueError) as exc:
         raise PackedFormatError(f"header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise PackedFormatError("header is not a JSON object")
     metadata = header.pop(META_KEY, None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    # JSON object keys are always str; only the values need a look.
+    if not isinstance(metadata, dict) or not all(type(v) is str for v in metadata.values()):
         raise PackedFormatError("__metadata__ must map strings to strings")
     dtype_names = set()
     spans = []
@@ -93,7 +96,7 @@ def decode_header(text: bytes, data_bytes: int):
             "read it with safetensors.torch.load_file instead"
         )
     dtype = DTYPES_BY_NAME[dtype_names.pop()]
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = ITEMSIZE
     spans.sort()
     position = 0
     for begin, end, name, shape in spans:
@@ -112,6 +115,8 @@ def decode_header(text: bytes, data_bytes: int):
 
 
 def table_bytes(dtype: torch.dtype, entries: dict) -> bytes:
-    """A canonical description of the tensor table (names, dtype, shapes, offsets), for checksums."""
-    rows = [[name, offset, list(shape)] for name, (offset, shape) in entries.items()]
-    return json.dumps([SAFETENSORS_DTYPES[dtype], rows], separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """A canonical description of the tensor table (dtype, names, offsets, shapes), for checksums.
+
+    `entries` maps str -> (int, tuple of ints) on both the writing and the reading side, so its
+    repr is canonical (and much cheaper than a JSON encoding on every cache read)."""
+    return f"{SAFETENSORS_DTYPES[dtype]}{list(entries.items())!r}".encode("utf-8")

@@ -83,6 +83,9 @@ class Packed:
 
     @property
     def stats(self) -> dict[str, TensorStats] | None:
+        if self._stats is None and self._counts is None and fmt.STATS_KEY in self.metadata:
+            # Parsed on first use: a cache read does not need them.
+            self._stats = _stats_from_metadata(self.metadata, self._entries)
         if self._stats is None and self._counts is not None:
             counts = self._counts.tolist()  # on CUDA: a host sync, on first access only
             absmax = self._absmax.tolist()
@@ -123,12 +126,12 @@ class Packed:
     def header(self, metadata: Mapping[str, str] | None = None) -> bytes:
         """The safetensors header (length prefix + JSON) that `save` writes before the buffer."""
         meta = {"format": "pt", fmt.FORMAT_KEY: fmt.FORMAT_VERSION, fmt.DTYPE_KEY: fmt.SAFETENSORS_DTYPES[self.dtype]}
+        meta.update(self.metadata)  # a loaded file's metadata first: fresh statistics replace its own
         stats = self.stats
         if stats is not None:
             meta[fmt.STATS_KEY] = json.dumps(
                 {n: [s.nonfinite, s.overflow, s.absmax] for n, s in stats.items()}, separators=(",", ":")
             )
-        meta.update(self.metadata)
         if metadata:
             for key, value in metadata.items():
                 if not isinstance(key, str) or not isinstance(value, str):
@@ -215,18 +218,19 @@ def _stats_from_metadata(metadata: dict, names) -> dict[str, TensorStats] | None
         raise fmt.PackedFormatError(f"{fmt.STATS_KEY} metadata is malformed: {exc}") from None
 
 
-def packed_from_bytes(raw: torch.Tensor) -> Packed:
-    """A Packed over `raw` (a uint8 tensor holding a whole file); views, no copy when aligned."""
-    size = raw.numel()
-    n = fmt.header_length(raw[:8].numpy().tobytes(), size)
+def packed_from_bytes(raw: torch.Tensor, view: memoryview | None = None) -> Packed:
+    """A Packed over `raw` (a uint8 tensor holding a whole file); views, no copy when aligned.
+    `view` may pass a memoryview of `raw` the caller already has (saves a conversion per read)."""
+    if view is None:
+        view = memoryview(raw.numpy())
+    size = len(view)
+    n = fmt.header_length(view, size)
     start = 8 + n
-    dtype, entries, metadata = fmt.decode_header(raw[8:start].numpy().tobytes(), size - start)
+    dtype, entries, metadata = fmt.decode_header(view[8:start], size - start)
     data = raw[start:]
     if start % 2:  # a foreign writer's odd header: a 16-bit view needs an even offset
         data = data.clone()
-    buffer = data.view(dtype)
-    stats = _stats_from_metadata(metadata, entries)
-    return Packed(buffer, entries, stats=stats, metadata=metadata)
+    return Packed(data.view(dtype), entries, metadata=metadata)
 
 
 def load_packed(path, mmap: bool = True) -> Packed:

@@ -25,6 +25,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Mapping
 
+import numpy as np
 import torch
 import xxhash
 
@@ -147,8 +148,12 @@ class FeatureCache:
             st = os.fstat(fd)
             # A CUDA destination reads straight into pinned memory: the upload needs no staging copy.
             pin = device is not None and torch.device(device).type == "cuda"
-            raw = torch.empty(st.st_size, dtype=torch.uint8, pin_memory=pin)
-            view = memoryview(raw.numpy())
+            if pin:
+                raw = torch.empty(st.st_size, dtype=torch.uint8, pin_memory=True)
+                view = memoryview(raw.numpy())
+            else:
+                array = np.empty(st.st_size, dtype=np.uint8)  # cheaper per call than torch.empty + .numpy()
+                raw, view = torch.from_numpy(array), memoryview(array)
             got = 0
             while got < st.st_size:
                 n = os.readv(fd, [view[got:]])
@@ -160,8 +165,8 @@ class FeatureCache:
         try:
             if got != st.st_size:
                 raise PackedFormatError(f"read {got} of {st.st_size} bytes")
-            packed = packed_from_bytes(raw)
-            self._check(packed, key, raw)
+            packed = packed_from_bytes(raw, view)
+            self._check(packed, key, view)
         except PackedFormatError as exc:
             self._discard(path, st, exc)
             return None
@@ -171,7 +176,7 @@ class FeatureCache:
             self._touch(path)
         return packed.unpack(device=device, dtype=dtype)
 
-    def _check(self, packed: Packed, key: str, raw: torch.Tensor) -> None:
+    def _check(self, packed: Packed, key: str, view: memoryview) -> None:
         meta = packed.metadata
         if meta.get("pyfast.cache") != CACHE_FORMAT_VERSION:
             raise PackedFormatError(f"cache format {meta.get('pyfast.cache')!r}, expected {CACHE_FORMAT_VERSION!r}")
@@ -180,7 +185,7 @@ class FeatureCache:
         if meta.get("fingerprint") != self.fingerprint:
             raise PackedFormatError("entry holds another fingerprint")
         if self.verify:
-            payload = memoryview(raw.numpy())[raw.numel() - packed.nbytes :]
+            payload = view[len(view) - packed.nbytes :]
             if meta.get("checksum") != checksum(payload, packed.table()):
                 raise PackedFormatError("checksum mismatch")
 
