@@ -29,6 +29,17 @@ def _nonfinite_poison(*boxes: torch.Tensor) -> torch.Tensor:
     return sum((b - b).sum(-1) for b in boxes)
 
 
+def _hull_extent(a1, a2, b1, b2):
+    """Enclosing-box extent along one axis: the hull of all four coordinates.
+
+    For valid boxes this is max(a2, b2) - min(a1, b1), the usual enclosing box; for inverted boxes
+    it never falls below the centre distance, so the GIoU/DIoU penalties stay in [0, 1].
+    """
+    hi = torch.maximum(torch.maximum(a2, b2), torch.maximum(a1, b1))
+    lo = torch.minimum(torch.minimum(a1, b1), torch.minimum(a2, b2))
+    return hi - lo
+
+
 def box_iou_reference(pred, target, *, mode="iou", box_format="xyxy", eps=1e-7) -> torch.Tensor:
     """Paired IoU variant (N,) of two sets of boxes, computed in float32 (float64 for float64)."""
     p, t = _acc(pred), _acc(target)
@@ -46,8 +57,8 @@ def box_iou_reference(pred, target, *, mode="iou", box_format="xyxy", eps=1e-7) 
     iou = inter / (union + eps)
     if mode == "iou":
         return iou + poison
-    cw = (torch.maximum(px2, tx2) - torch.minimum(px1, tx1)).clamp(min=0)
-    ch = (torch.maximum(py2, ty2) - torch.minimum(py1, ty1)).clamp(min=0)
+    cw = _hull_extent(px1, px2, tx1, tx2)
+    ch = _hull_extent(py1, py2, ty1, ty2)
     if mode == "giou":
         area_c = cw * ch
         return iou - (area_c - union) / (area_c + eps) + poison
@@ -94,3 +105,26 @@ def box_loss_reference(
     if weight is not None:
         loss = loss * weight.to(loss.dtype)
     return _reduce(loss, reduction, avg_factor)
+
+
+def pack_reference(tensors, *, dtype=torch.float16, saturate=False):
+    """Casts each tensor with `.to(dtype)` into one flat buffer; per tensor counts the non-finite
+    values and the overflows (finite in the source, infinite after the cast) and takes max |x| over
+    the finite values. Saturation replaces overflows by +-finfo(dtype).max."""
+    parts, counts, absmax = [], [], []
+    top = torch.finfo(dtype).max
+    for t in tensors:
+        x = t.to(dtype).reshape(-1)
+        finite = torch.isfinite(t).reshape(-1)
+        over = finite & torch.isinf(x)
+        if saturate:
+            x = torch.where(over, torch.full_like(x, top).copysign(x), x)
+        parts.append(x)
+        counts.append(torch.stack(((~finite).sum(), over.sum())))
+        magnitude = torch.where(finite, t.reshape(-1).abs(), torch.zeros((), dtype=t.dtype, device=t.device))
+        absmax.append(magnitude.max().to(torch.float64) if t.numel() else torch.zeros((), dtype=torch.float64, device=t.device))
+    device = tensors[0].device if tensors else torch.device("cpu")
+    buffer = torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=device)
+    count_t = torch.stack(counts).to(torch.int64) if counts else torch.zeros((0, 2), dtype=torch.int64, device=device)
+    absmax_t = torch.stack(absmax) if absmax else torch.zeros((0,), dtype=torch.float64, device=device)
+    return buffer, count_t, absmax_t
