@@ -1,8 +1,8 @@
 """pyfast: fast, hard-to-break training of box and mask refinement heads on frozen backbone features."""
 
 from pyfast._native import native_available
-from pyfast.ops import box_iou, box_loss
+from pyfast.ops import box_iou, box_loss, mask_iou, mask_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "box_iou", "box_loss", "native_available"]
+__all__ = ["__version__", "box_iou", "box_loss", "mask_iou", "mask_loss", "native_available"]
