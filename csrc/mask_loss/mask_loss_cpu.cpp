@@ -21,6 +21,8 @@ constexpr int64_t kMinBlocksPerThread = 2;
 // Independent accumulators per sum: the lanes the compiler maps onto SIMD registers. Summing
 // lane-wise keeps the order fixed without -ffast-math (which would also break NaN propagation).
 constexpr int kLanes = 8;
+// Elements per buffered tile of sum_range (kTile * K values stay in L1).
+constexpr int kTile = 256;
 
 struct Plan {
   int64_t chunks_per_row;  // > 1 only when rows_per_block == 1
@@ -51,25 +53,30 @@ template <class Fn> void for_each_piece(const Plan& plan, int64_t n, int64_t m, 
   for (int64_t row = b * plan.rows_per_block; row < r_end; ++row) fn(row, row * m, row * m + m, row);
 }
 
-// Sums the K values elem(i, v) over [begin, end) into out[0..K) (double).
+// Sums the K values elem(i, v) over [begin, end) into out[0..K) (double). Two loops per tile:
+// an elementwise one (vectorized like the backward) that fills a small buffer, then a lane-wise
+// sum of the buffer. Fused into one loop, the compiler would not vectorize the reduction.
 template <int K, class A, class Elem> void sum_range(int64_t begin, int64_t end, const Elem& elem, double* out) {
   A acc[K][kLanes] = {};
-  int64_t i = begin;
-  for (; i + kLanes <= end; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
+  alignas(64) A buf[K][kTile];
+  for (int64_t start = begin; start < end; start += kTile) {
+    const int len = static_cast<int>(std::min<int64_t>(kTile, end - start));
+    for (int j = 0; j < len; ++j) {
       A v[K];
-      elem(i + l, v);
-      for (int k = 0; k < K; ++k) acc[k][l] += v[k];
+      elem(start + j, v);
+      for (int k = 0; k < K; ++k) buf[k][j] = v[k];
+    }
+    for (int k = 0; k < K; ++k) {
+      for (int j = len; j < kTile; ++j) buf[k][j] = A(0);  // a short last tile adds zeros
+    }
+    for (int k = 0; k < K; ++k) {
+      for (int j = 0; j < kTile; j += kLanes) {
+        for (int l = 0; l < kLanes; ++l) acc[k][l] += buf[k][j + l];
+      }
     }
   }
-  A tail[K] = {};
-  for (; i < end; ++i) {
-    A v[K];
-    elem(i, v);
-    for (int k = 0; k < K; ++k) tail[k] += v[k];
-  }
   for (int k = 0; k < K; ++k) {
-    double s = static_cast<double>(tail[k]);
+    double s = 0.0;
     for (int l = 0; l < kLanes; ++l) s += static_cast<double>(acc[k][l]);
     out[k] = s;
   }
