@@ -2,6 +2,7 @@
 // together), one for the backward (recomputing from the inputs, nothing saved per box).
 #include "box_loss/box_loss.h"
 
+#include <type_traits>
 #include <vector>
 
 #include "box_loss/box_loss_math.h"
@@ -15,6 +16,34 @@ constexpr int64_t kBoxesPerBlock = 2048;
 // Below ~16k boxes a second thread costs more to start than it saves.
 constexpr int64_t kMinBlocksPerThread = 8;
 
+// The per-box loops below are branch-free maps over one block (the weight and output choices are
+// template parameters) so that the compiler vectorizes them.
+template <bool VARIANT, bool WEIGHTED, class T, class Loss, class A>
+PYFAST_SIMD_CLONES void map_block(const Loss& loss, int64_t count, const T* pred, const T* target, const A* weight, A* out) {
+  for (int64_t j = 0; j < count; ++j) {
+    A p[4], t[4];
+    box::load_box(pred + 4 * j, p);
+    box::load_box(target + 4 * j, t);
+    A value = VARIANT ? loss.variant(p, t) : loss.forward(p, t);
+    if (WEIGHTED) value *= weight[j];
+    out[j] = value;
+  }
+}
+
+// Sum in kLanes independent accumulators (vectorizable without reassociating), then in double.
+template <class A> double sum_block(const A* values, int64_t count) {
+  constexpr int kLanes = 16;
+  A lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= count; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lanes[l] += values[j + l];
+  }
+  double total = 0.0;
+  for (; j < count; ++j) total += static_cast<double>(values[j]);
+  for (int l = 0; l < kLanes; ++l) total += static_cast<double>(lanes[l]);
+  return total;
+}
+
 template <class T, class Loss, class A = typename Acc<T>::type>
 void forward_impl(const Loss& loss, int64_t n, const T* pred, const T* target, const A* weight, A* out, int output,
                   bool reduce, A scale, int num_threads) {
@@ -23,25 +52,20 @@ void forward_impl(const Loss& loss, int64_t n, const T* pred, const T* target, c
   // thread count.
   std::vector<double> partial(reduce ? num_blocks : 0, 0.0);
   parallel_blocks(num_blocks, num_threads, kMinBlocksPerThread, [&](int64_t b) {
-    const int64_t begin = b * kBoxesPerBlock, end = std::min(n, begin + kBoxesPerBlock);
-    double acc = 0.0;
-    for (int64_t i = begin; i < end; ++i) {
-      A p[4], t[4];
-      box::load_box(pred + 4 * i, p);
-      box::load_box(target + 4 * i, t);
-      if (output == box::kVariant) {
-        out[i] = loss.variant(p, t);
-        continue;
-      }
-      A value = loss.forward(p, t);
-      if (weight) value *= weight[i];
-      if (reduce) {
-        acc += static_cast<double>(value);
-      } else {
-        out[i] = value;
-      }
+    const int64_t begin = b * kBoxesPerBlock, count = std::min(n, begin + kBoxesPerBlock) - begin;
+    const T* p = pred + 4 * begin;
+    const T* t = target + 4 * begin;
+    const A* w = weight ? weight + begin : nullptr;
+    A scratch[kBoxesPerBlock];
+    A* dst = reduce ? scratch : out + begin;
+    if (output == box::kVariant) {
+      map_block<true, false>(loss, count, p, t, w, dst);
+    } else if (w) {
+      map_block<false, true>(loss, count, p, t, w, dst);
+    } else {
+      map_block<false, false>(loss, count, p, t, w, dst);
     }
-    if (reduce) partial[b] = acc;
+    if (reduce) partial[b] = sum_block(scratch, count);
   });
   if (reduce) {
     double total = 0.0;
@@ -50,23 +74,67 @@ void forward_impl(const Loss& loss, int64_t n, const T* pred, const T* target, c
   }
 }
 
+template <bool SCALAR_GRAD, bool WEIGHTED, bool TARGET_GRAD, class T, class Loss, class A>
+PYFAST_SIMD_CLONES void backward_block(const Loss& loss, int64_t count, const A* grad_out, A g_scalar, A scale, const T* pred,
+                    const T* target, const A* weight, T* grad_pred, T* grad_target) {
+  for (int64_t j = 0; j < count; ++j) {
+    A p[4], t[4], gp[4], gt[4];
+    box::load_box(pred + 4 * j, p);
+    box::load_box(target + 4 * j, t);
+    A g = SCALAR_GRAD ? g_scalar : grad_out[j] * scale;
+    if (WEIGHTED) g *= weight[j];
+    loss.backward(p, t, g, gp, gt);
+    for (int k = 0; k < 4; ++k) grad_pred[4 * j + k] = from_acc<T>(gp[k]);
+    if (TARGET_GRAD) {
+      for (int k = 0; k < 4; ++k) grad_target[4 * j + k] = from_acc<T>(gt[k]);
+    }
+  }
+}
+
 template <class T, class Loss, class A = typename Acc<T>::type>
 void backward_impl(const Loss& loss, int64_t n, const A* grad_out, bool grad_is_scalar, A scale, const T* pred,
                    const T* target, const A* weight, T* grad_pred, T* grad_target, A* grad_weight, int num_threads) {
   const A g_scalar = grad_is_scalar ? grad_out[0] * scale : A(0);
   parallel_blocks(ceil_div(n, kBoxesPerBlock), num_threads, kMinBlocksPerThread, [&](int64_t b) {
-    const int64_t begin = b * kBoxesPerBlock, end = std::min(n, begin + kBoxesPerBlock);
-    for (int64_t i = begin; i < end; ++i) {
-      A p[4], t[4], gp[4], gt[4];
-      box::load_box(pred + 4 * i, p);
-      box::load_box(target + 4 * i, t);
-      const A g = grad_is_scalar ? g_scalar : grad_out[i] * scale;
-      if (grad_weight) grad_weight[i] = g * loss.forward(p, t);
-      loss.backward(p, t, weight ? g * weight[i] : g, gp, gt);
-      for (int k = 0; k < 4; ++k) grad_pred[4 * i + k] = from_acc<T>(gp[k]);
-      if (grad_target) {
-        for (int k = 0; k < 4; ++k) grad_target[4 * i + k] = from_acc<T>(gt[k]);
+    const int64_t begin = b * kBoxesPerBlock, count = std::min(n, begin + kBoxesPerBlock) - begin;
+    const T* p = pred + 4 * begin;
+    const T* t = target + 4 * begin;
+    const A* g = grad_is_scalar ? grad_out : grad_out + begin;
+    const A* w = weight ? weight + begin : nullptr;
+    T* gp = grad_pred + 4 * begin;
+    T* gt = grad_target ? grad_target + 4 * begin : nullptr;
+    if (grad_weight) {
+      // d loss / d weight_i = g_i * unweighted loss_i
+      for (int64_t j = 0; j < count; ++j) {
+        A pb[4], tb[4];
+        box::load_box(p + 4 * j, pb);
+        box::load_box(t + 4 * j, tb);
+        grad_weight[begin + j] = (grad_is_scalar ? g_scalar : g[j] * scale) * loss.forward(pb, tb);
       }
+    }
+    // Eight specializations: the common case (scalar grad, no weight, pred only) stays branch-free.
+    auto run = [&](auto scalar, auto weighted, auto target_grad) {
+      backward_block<decltype(scalar)::value, decltype(weighted)::value, decltype(target_grad)::value>(
+          loss, count, g, g_scalar, scale, p, t, w, gp, gt);
+    };
+    auto with_target = [&](auto scalar, auto weighted) {
+      if (gt) {
+        run(scalar, weighted, std::true_type{});
+      } else {
+        run(scalar, weighted, std::false_type{});
+      }
+    };
+    auto with_weight = [&](auto scalar) {
+      if (w) {
+        with_target(scalar, std::true_type{});
+      } else {
+        with_target(scalar, std::false_type{});
+      }
+    };
+    if (grad_is_scalar) {
+      with_weight(std::true_type{});
+    } else {
+      with_weight(std::false_type{});
     }
   });
 }

@@ -10,6 +10,14 @@
 #include <thread>
 #include <vector>
 
+// Hot CPU loops are compiled for AVX2 and for the baseline x86-64 ISA; the loader picks the best
+// one for the running CPU (GCC function multiversioning), so one build runs everywhere.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PYFAST_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define PYFAST_SIMD_CLONES
+#endif
+
 namespace pyfast {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -14,7 +14,8 @@
 #include <cuda_fp16.h>
 #define PYFAST_HD __host__ __device__ __forceinline__
 #else
-#define PYFAST_HD inline
+// Always inlined: the per-element math must inline into the loops for them to vectorize.
+#define PYFAST_HD inline __attribute__((always_inline))
 #endif
 
 namespace pyfast {

@@ -65,12 +65,20 @@ def _scale(n: int, reduction: int, avg_factor) -> float:
     return 1.0 / (avg_factor if avg_factor is not None else max(n, 1))
 
 
+def _aligned_boxes(boxes: torch.Tensor) -> torch.Tensor:
+    """Contiguous, and on CUDA aligned to one box (the kernels load a box as one vector)."""
+    boxes = boxes.contiguous()
+    if boxes.is_cuda and boxes.data_ptr() % (4 * boxes.element_size()):
+        boxes = boxes.clone()  # a view starting mid-box, e.g. flat[1:].view(-1, 4)
+    return boxes
+
+
 def _kernel_inputs(pred, target, weight):
     _check_boxes(pred, target, weight)
     acc = acc_dtype(pred.dtype)
     if weight is not None:
         weight = weight.to(acc).contiguous()
-    return pred.contiguous(), target.contiguous(), weight, acc
+    return _aligned_boxes(pred), _aligned_boxes(target), weight, acc
 
 
 def _run_forward(pred, target, weight, mode, box_format, l1_weight, iou_weight, eps, output, reduction, avg_factor):

@@ -29,6 +29,17 @@ def _nonfinite_poison(*boxes: torch.Tensor) -> torch.Tensor:
     return sum((b - b).sum(-1) for b in boxes)
 
 
+def _hull_extent(a1, a2, b1, b2):
+    """Enclosing-box extent along one axis: the hull of all four coordinates.
+
+    For valid boxes this is max(a2, b2) - min(a1, b1), the usual enclosing box; for inverted boxes
+    it never falls below the centre distance, so the GIoU/DIoU penalties stay in [0, 1].
+    """
+    hi = torch.maximum(torch.maximum(a2, b2), torch.maximum(a1, b1))
+    lo = torch.minimum(torch.minimum(a1, b1), torch.minimum(a2, b2))
+    return hi - lo
+
+
 def box_iou_reference(pred, target, *, mode="iou", box_format="xyxy", eps=1e-7) -> torch.Tensor:
     """Paired IoU variant (N,) of two sets of boxes, computed in float32 (float64 for float64)."""
     p, t = _acc(pred), _acc(target)
@@ -46,8 +57,8 @@ def box_iou_reference(pred, target, *, mode="iou", box_format="xyxy", eps=1e-7) 
     iou = inter / (union + eps)
     if mode == "iou":
         return iou + poison
-    cw = (torch.maximum(px2, tx2) - torch.minimum(px1, tx1)).clamp(min=0)
-    ch = (torch.maximum(py2, ty2) - torch.minimum(py1, ty1)).clamp(min=0)
+    cw = _hull_extent(px1, px2, tx1, tx2)
+    ch = _hull_extent(py1, py2, ty1, ty2)
     if mode == "giou":
         area_c = cw * ch
         return iou - (area_c - union) / (area_c + eps) + poison
