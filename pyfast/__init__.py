@@ -11,7 +11,7 @@ from pyfast.cache import (
     make_fingerprint,
     pack,
 )
-from pyfast.ops import box_iou, box_loss
+from pyfast.ops import box_iou, box_loss, mask_iou, mask_loss
 
 __version__ = "0.1.0"
 
@@ -26,6 +26,8 @@ __all__ = [
     "file_key",
     "load_packed",
     "make_fingerprint",
+    "mask_iou",
+    "mask_loss",
     "native_available",
     "pack",
 ]

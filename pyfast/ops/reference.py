@@ -128,3 +128,55 @@ def pack_reference(tensors, *, dtype=torch.float16, saturate=False):
     count_t = torch.stack(counts).to(torch.int64) if counts else torch.zeros((0, 2), dtype=torch.int64, device=device)
     absmax_t = torch.stack(absmax) if absmax else torch.zeros((0,), dtype=torch.float64, device=device)
     return buffer, count_t, absmax_t
+
+
+def _mask_rows(logits: torch.Tensor, targets: torch.Tensor):
+    """(N, M) logits in the accumulation dtype and targets as numbers of that dtype.
+
+    bool/uint8 masks are binary: any non-zero byte is foreground.
+    """
+    x = _acc(logits)
+    x = x.reshape(x.shape[0], math.prod(x.shape[1:]))
+    if targets.dtype in (torch.bool, torch.uint8):
+        t = (targets != 0).to(x.dtype)
+    else:
+        t = targets.to(x.dtype)
+    return x, t.reshape(x.shape)
+
+
+def mask_loss_reference(
+    logits,
+    targets,
+    *,
+    bce_weight=1.0,
+    dice_weight=1.0,
+    focal_weight=0.0,
+    alpha=0.25,
+    gamma=2.0,
+    smooth=1.0,
+    reduction="mean",
+    avg_factor=None,
+) -> torch.Tensor:
+    """BCE + dice + focal loss per mask (the first dim indexes masks), weighted and reduced."""
+    x, t = _mask_rows(logits, targets)
+    p, q = torch.sigmoid(x), torch.sigmoid(-x)  # q = 1 - p without cancellation
+    ce = x.clamp(min=0) - x * t + torch.log1p(torch.exp(-x.abs()))
+    bce = ce.mean(-1)
+    dice = 1 - (2 * (p * t).sum(-1) + smooth) / (p.sum(-1) + t.sum(-1) + smooth)
+    loss = bce_weight * bce + dice_weight * dice
+    if focal_weight != 0:
+        one_minus_pt = p * (1 - t) + q * t
+        alpha_t = alpha * t + (1 - alpha) * (1 - t) if alpha >= 0 else torch.ones_like(t)
+        loss = loss + focal_weight * (one_minus_pt.pow(gamma) * alpha_t * ce).mean(-1)
+    return _reduce(loss, reduction, avg_factor)
+
+
+@torch.no_grad()
+def mask_iou_reference(logits, targets, threshold=0.0) -> torch.Tensor:
+    """|x > threshold AND t| / max(|x > threshold OR t|, 1) per mask; fuzzy min/max for soft t."""
+    x, t = _mask_rows(logits, targets)
+    b = (x > threshold).to(x.dtype)
+    inter = (b * t).sum(-1)
+    union = (b + t - b * t).sum(-1)
+    iou = inter / union.clamp(min=1)
+    return torch.where(x.isnan().any(-1), torch.full_like(iou, float("nan")), iou)
