@@ -23,7 +23,11 @@ IMAGE_SIZE = 128
 BATCH_SIZE = 16
 WORKERS = (0, 2, 4)
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+    # 4 workers on a 2-core machine is one of the settings being measured.
+    pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning"),
+]
 
 
 @pytest.fixture(scope="module")

@@ -126,3 +126,12 @@ def test_letterbox_scales_boxes_pads_and_fingerprints():
     assert Letterbox(30).fingerprint()["size"] == 30
     with pytest.raises(ValueError, match="size"):
         Letterbox(0)
+
+
+def test_batch_to_moves_every_tensor_and_keeps_the_records():
+    dataset = RobustDataset([SyntheticSource(num_samples=2, image_size=32)], preprocess=Letterbox(32))
+    record = SkippedSample(source="npz (x)", file="a.npz", reason="bad", index=9)
+    batch = collate([dataset[0], record, dataset[1]])
+    moved = batch.to("cpu")
+    assert moved.images.shape == (2, 3, 32, 32) and moved.skipped == [record]
+    assert len(moved.boxes) == len(moved.masks) == len(moved.prompt_boxes) == 2 and moved.keys == batch.keys
