@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 DEFAULT_BACKBONE = "pyfast.models.backbone:TinyBackbone"
@@ -21,14 +22,29 @@ class BackboneError(ValueError):
 
 
 class TinyBackbone(nn.Module):
-    """Conv3x3-ReLU stack, stride 4, seeded weights. Deterministic for a given `seed`."""
+    """Local contrast normalisation, then a Conv3x3-ReLU stack with seeded weights (stride =
+    product of `strides`, 4 by default). Deterministic for a given `seed`.
 
-    def __init__(self, channels: tuple[int, ...] = (32, 64, 64), seed: int = 0):
+    Subtracting each pixel's local mean (a `contrast_window`-pixel box filter) removes the slow
+    background shading, so even random filters respond to object boundaries rather than to
+    absolute colour.
+    """
+
+    def __init__(
+        self,
+        channels: tuple[int, ...] = (32, 64, 64),
+        strides: tuple[int, ...] = (2, 2, 1),
+        seed: int = 0,
+        contrast_window: int = 9,
+    ):
         super().__init__()
+        self.contrast_window = int(contrast_window)
+        if len(strides) != len(channels):
+            raise ValueError(f"strides {strides} must have one entry per layer of {channels}")
         layers: list[nn.Module] = []
         cin = 3
-        for i, cout in enumerate(channels):
-            layers += [nn.Conv2d(cin, cout, 3, stride=2 if i < 2 else 1, padding=1), nn.ReLU(inplace=True)]
+        for cout, stride in zip(channels, strides):
+            layers += [nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.ReLU(inplace=True)]
             cin = cout
         self.body = nn.Sequential(*layers)
         self.out_channels = cin
@@ -39,10 +55,11 @@ class TinyBackbone(nn.Module):
                     fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
                     m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
                     m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.05)
-        self.register_buffer("mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.body((images - self.mean) * 4.0)
+        k = self.contrast_window
+        local_mean = F.avg_pool2d(images, k, stride=1, padding=k // 2, count_include_pad=False)
+        return self.body((images - local_mean) * 8.0)
 
 
 def load_backbone(spec: str | None = None) -> nn.Module:
@@ -87,3 +104,8 @@ def probe(model: nn.Module, image_size: int, device: torch.device | str = "cpu")
             f"backbone maps a {image_size}x{image_size} image to {h}x{w}: need a square map whose size divides the input"
         )
     return int(y.shape[1]), image_size // h
+
+
+def tiny_stride2() -> TinyBackbone:
+    """TinyBackbone at stride 2: finer maps for small images."""
+    return TinyBackbone(strides=(2, 1, 1))

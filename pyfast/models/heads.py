@@ -1,36 +1,70 @@
-"""Refinement heads over RoI-aligned features: box deltas (+ predicted mask IoU) and mask logits."""
+"""Refinement heads over RoI-aligned features: box edge offsets (+ predicted mask IoU) and mask logits."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
-class BoxHead(nn.Module):
-    """(N, C, R, R) → deltas (N, 4) and, optionally, a predicted mask IoU logit (N,).
+def _groups(channels: int) -> int:
+    """GroupNorm groups: 8 channels per group where possible."""
+    for groups in (channels // 8, 4, 2, 1):
+        if groups >= 1 and channels % groups == 0:
+            return groups
+    return 1
 
-    The delta layer starts at zero, so an untrained head returns the input boxes unchanged.
+
+class BoxHead(nn.Module):
+    """(N, C, R, R) window features → per-edge offsets (N, 4) and, optionally, an IoU logit (N,).
+
+    Each edge is located by a soft-argmax: one logit map per edge (x1, y1, x2, y2) is averaged
+    along the edge (over rows for x edges, over columns for y edges), a Gaussian prior centred on
+    the input box's edge is added, and the expected position along the axis is the refined edge.
+    The output is its offset from the input edge, in window units (1 = the window's width/height).
+    The logit layer starts at zero, so an untrained head returns (close to) the input box. The
+    design is translation-equivariant: it learns "where is the boundary" from few examples, where
+    a flatten + fully-connected head must learn every position separately.
     """
 
-    def __init__(self, in_channels: int, roi_size: int, hidden: int = 64, fc: int = 256, iou_head: bool = True):
+    def __init__(
+        self, in_channels: int, roi_size: int, context: float, hidden: int = 64, prior_sigma: float = 0.12,
+        iou_head: bool = True,
+    ):
         super().__init__()
-        self.conv = nn.Sequential(
+        self.trunk = nn.Sequential(
             nn.Conv2d(in_channels, hidden, 3, padding=1),
+            nn.GroupNorm(_groups(hidden), hidden),
             nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, hidden, 3, stride=2, padding=1),
+            nn.Conv2d(hidden, hidden, 3, padding=1),
+            nn.GroupNorm(_groups(hidden), hidden),
             nn.ReLU(inplace=True),
         )
-        side = (roi_size + 1) // 2
-        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(hidden * side * side, fc), nn.ReLU(inplace=True))
-        self.deltas = nn.Linear(fc, 4)
-        nn.init.zeros_(self.deltas.weight)
-        nn.init.zeros_(self.deltas.bias)
-        self.iou = nn.Linear(fc, 1) if iou_head else None
+        self.edges = nn.Conv2d(hidden, 4, 3, padding=1)
+        nn.init.zeros_(self.edges.weight)
+        nn.init.zeros_(self.edges.bias)
+        # window coordinates (0..1) of the bin centres, and of the input box's edges in the window
+        lo, hi = 0.5 - 0.5 / context, 0.5 + 0.5 / context
+        positions = (torch.arange(roi_size, dtype=torch.float32) + 0.5) / roi_size
+        self.register_buffer("positions", positions, persistent=False)
+        anchors = torch.tensor([lo, lo, hi, hi])
+        self.register_buffer("anchors", anchors, persistent=False)
+        prior = -0.5 * ((positions[None, :] - anchors[:, None]) / prior_sigma) ** 2  # (4, R)
+        self.register_buffer("prior", prior, persistent=False)
+        self.iou = nn.Linear(hidden, 1) if iou_head else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        h = self.fc(self.conv(x))
-        iou = self.iou(h).squeeze(1) if self.iou is not None else None
-        return self.deltas(h), iou
+        h = self.trunk(x)
+        maps = self.edges(h).float()  # (N, 4, R, R): [x1, y1, x2, y2] logit maps
+        along_x = maps[:, 0::2].mean(dim=2)  # x1, x2: average over rows → (N, 2, R)
+        along_y = maps[:, 1::2].mean(dim=3)  # y1, y2: average over columns → (N, 2, R)
+        logits = torch.stack([along_x[:, 0], along_y[:, 0], along_x[:, 1], along_y[:, 1]], dim=1) + self.prior
+        expected = (F.softmax(logits, dim=-1) * self.positions).sum(-1)  # (N, 4) in window units
+        # identity at init: subtract the prior's own expectation so zero logits give zero offsets
+        base = (F.softmax(self.prior, dim=-1) * self.positions).sum(-1)
+        offsets = expected - base
+        iou = self.iou(h.mean(dim=(2, 3))).squeeze(1) if self.iou is not None else None
+        return offsets, iou
 
 
 class MaskHead(nn.Module):
@@ -40,8 +74,10 @@ class MaskHead(nn.Module):
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(in_channels, hidden, 3, padding=1),
+            nn.GroupNorm(_groups(hidden), hidden),
             nn.ReLU(inplace=True),
             nn.Conv2d(hidden, hidden, 3, padding=1),
+            nn.GroupNorm(_groups(hidden), hidden),
             nn.ReLU(inplace=True),
             nn.ConvTranspose2d(hidden, hidden, 2, stride=2),
             nn.ReLU(inplace=True),

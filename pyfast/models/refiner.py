@@ -1,14 +1,13 @@
 """The refiner: RoI features for each input box → refined box, mask and predicted mask IoU.
 
 Each input box is widened by `context` (so a box that cut the object short still sees all of it)
-and pooled from the feature map with RoIAlign. The box head predicts deltas relative to the input
-box; the mask head predicts the object's mask inside the widened window; the optional IoU head
+and pooled from the feature map with RoIAlign. The box head predicts how far each edge of the input
+box moves; the mask head predicts the object's mask inside the widened window; the optional IoU head
 predicts how well that mask will match (trained towards `pyfast.mask_iou`).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -18,9 +17,6 @@ from torch import nn
 import pyfast
 from pyfast.models.heads import BoxHead, MaskHead
 from pyfast.models.roi_align import roi_align
-
-_MAX_LOG_SCALE = math.log(8.0)
-
 
 @dataclass
 class RefinerOutput:
@@ -40,16 +36,11 @@ def flatten_boxes(boxes: list[torch.Tensor], device=None) -> tuple[torch.Tensor,
     return flat, index
 
 
-def decode(boxes: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
-    """Apply (dx, dy, dw, dh) deltas to xyxy boxes: centre shift in box units, log-scale size."""
-    deltas = deltas.float()
-    w = boxes[:, 2] - boxes[:, 0]
-    h = boxes[:, 3] - boxes[:, 1]
-    cx = boxes[:, 0] + 0.5 * w + deltas[:, 0] * w
-    cy = boxes[:, 1] + 0.5 * h + deltas[:, 1] * h
-    w = w * deltas[:, 2].clamp(-_MAX_LOG_SCALE, _MAX_LOG_SCALE).exp()
-    h = h * deltas[:, 3].clamp(-_MAX_LOG_SCALE, _MAX_LOG_SCALE).exp()
-    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=1)
+def decode(boxes: torch.Tensor, offsets: torch.Tensor, context: float) -> torch.Tensor:
+    """Move each edge of xyxy `boxes` by `offsets` (N, 4), given in units of the widened window
+    (`context` times the box size, at least 1 pixel)."""
+    size = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1.0) * context  # (N, 2) window width, height
+    return boxes + offsets.float() * size.repeat(1, 2)
 
 
 class Refiner(nn.Module):
@@ -60,7 +51,6 @@ class Refiner(nn.Module):
         roi_size: int = 14,
         context: float = 1.5,
         hidden: int = 64,
-        fc: int = 256,
         iou_head: bool = True,
     ):
         super().__init__()
@@ -68,7 +58,7 @@ class Refiner(nn.Module):
         self.roi_size = int(roi_size)
         self.mask_size = 2 * self.roi_size
         self.context = float(context)
-        self.box_head = BoxHead(in_channels, roi_size, hidden=hidden, fc=fc, iou_head=iou_head)
+        self.box_head = BoxHead(in_channels, roi_size, context, hidden=hidden, iou_head=iou_head)
         self.mask_head = MaskHead(in_channels, hidden=hidden)
 
     def windows(self, boxes: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -80,8 +70,8 @@ class Refiner(nn.Module):
     def forward(self, features: torch.Tensor, boxes: torch.Tensor, index: torch.Tensor) -> RefinerOutput:
         rois = self.windows(boxes, index)
         pooled = roi_align(features, rois, self.roi_size, spatial_scale=1.0 / self.stride, sampling_ratio=2)
-        deltas, iou_logits = self.box_head(pooled)
-        return RefinerOutput(rois, decode(boxes, deltas), self.mask_head(pooled), iou_logits)
+        offsets, iou_logits = self.box_head(pooled)
+        return RefinerOutput(rois, decode(boxes, offsets, self.context), self.mask_head(pooled), iou_logits)
 
 
 def mask_targets(masks: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Tensor:

@@ -1,0 +1,81 @@
+"""metrics.jsonl (one JSON object per optimizer step), val.jsonl (one per validation), TensorBoard if present."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)  # JSON has no NaN; keep it readable and parseable
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    return value
+
+
+def read_jsonl(path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut short by a crash ends the usable log
+    return records
+
+
+def truncate_after(path, step: int) -> None:
+    """Keep only the records up to `step` (a resumed run rewrites what came after its checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= step]
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for record in kept:
+            handle.write(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """Appends records to a JSONL file (flushed per record) and mirrors scalars to TensorBoard."""
+
+    def __init__(self, path, tensorboard_dir=None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(self.path, "a", encoding="utf-8")
+        self._tb = None
+        if tensorboard_dir is not None:
+            try:  # optional: only when tensorboard is installed
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(os.fspath(tensorboard_dir))
+            except Exception:
+                self._tb = None
+
+    def write(self, record: dict, prefix: str = "train") -> None:
+        self._handle.write(json.dumps(_clean(record)) + "\n")
+        self._handle.flush()
+        if self._tb is not None:
+            step = int(record.get("step", 0))
+            for key, value in record.items():
+                if isinstance(value, dict):
+                    for sub, v in value.items():
+                        if isinstance(v, (int, float)) and v is not None:
+                            self._tb.add_scalar(f"{prefix}/{key}/{sub}", v, step)
+                elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self._tb.add_scalar(f"{prefix}/{key}", value, step)
+
+    def close(self) -> None:
+        self._handle.close()
+        if self._tb is not None:
+            self._tb.close()
