@@ -35,7 +35,7 @@ class TrainConfig:
     max_steps: Optional[int] = None  # a total across resumes; the lr schedule still spans --epochs
     batch_size: int = 16
     accumulate: int = 1
-    lr: float = 2e-3
+    lr: float = 1e-2
     weight_decay: float = 1e-4
     warmup_steps: int = 20
     clip_norm: float = 1.0  # <= 0: no clipping
@@ -91,13 +91,12 @@ class TrainConfig:
 
 # The quick preset: small images, a small set, a short schedule, the cache on.
 FAST = {
-    "image_size": 64,
-    "synthetic_samples": 320,
-    "epochs": 8,
+    "image_size": 96,
+    "synthetic_samples": 640,
+    "epochs": 10,
     "batch_size": 16,
     "roi_size": 8,
     "hidden": 48,
-    "lr": 3e-3,
     "warmup_steps": 10,
     "fast": True,
 }
