@@ -137,7 +137,9 @@ def mask_loss_reference(
     """BCE + dice + focal loss per mask (the first dim indexes masks), weighted and reduced."""
     x, t = _mask_rows(logits, targets)
     p, q = torch.sigmoid(x), torch.sigmoid(-x)  # q = 1 - p without cancellation
-    ce = x.clamp(min=0) - x * t + torch.log1p(torch.exp(-x.abs()))
+    # ce = max(x, 0) - x t + log1p(exp(-|x|)) = log(1 + e^x) - x t, written with logaddexp so that
+    # autograd gives the true derivative p - t at x = 0 (max and abs have kinks there).
+    ce = torch.logaddexp(x, torch.zeros_like(x)) - x * t
     bce = ce.mean(-1)
     dice = 1 - (2 * (p * t).sum(-1) + smooth) / (p.sum(-1) + t.sum(-1) + smooth)
     loss = bce_weight * bce + dice_weight * dice
