@@ -24,11 +24,14 @@ PYFAST_VM_INLINE float bits_i_float(int32_t i) { return bits_to_float(static_cas
 
 // exp(x) for x <= 0: 0 below -87 (where the float result would be subnormal), NaN for NaN.
 // Cephes expf: x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial, 2^n from the bits.
+// The underflow and NaN cases are folded in with a multiply rather than a final select: GCC keeps
+// a select of the computed value as a branch once SSE4.1/AVX2 is enabled, and the loop stays scalar.
 PYFAST_VM_INLINE float exp_nonpos_f(float x) {
-  const bool nan = x != x;
-  const float xc = nan ? 0.0f : (x < -87.0f ? -87.0f : x);
+  const bool in_range = x >= -87.0f;           // false for NaN and below -87
+  const float xn = in_range ? x : -87.0f;      // finite: a defined float -> int conversion
+  const float xc = x < -87.0f ? -87.0f : x;    // keeps NaN, so the polynomial turns NaN
   // Round to nearest by truncating x*log2(e) - 0.5 (always <= 0 here): no floor() call.
-  const int32_t n = static_cast<int32_t>(xc * 1.44269504088896341f - 0.5f);
+  const int32_t n = static_cast<int32_t>(xn * 1.44269504088896341f - 0.5f);
   const float fn = static_cast<float>(n);
   float r = xc - fn * 0.693359375f;
   r = r - fn * -2.12194440e-4f;
@@ -40,8 +43,8 @@ PYFAST_VM_INLINE float exp_nonpos_f(float x) {
   poly = poly * r + 5.0000001201e-1f;
   const float er = poly * r * r + r + 1.0f;
   const float scale = bits_i_float((n + 127) << 23);  // n in [-126, 0]: a normal power of two
-  const float result = x < -87.0f ? 0.0f : er * scale;
-  return nan ? x : result;
+  // Below -87: finite * 0 = 0. NaN: NaN * 0 = NaN.
+  return er * scale * (in_range ? 1.0f : 0.0f);
 }
 
 // 2 atanh(s) = log((1+s)/(1-s)) for |s| <= 1/3, by its odd series (error below 2e-9 relative).
