@@ -7,6 +7,7 @@
 
 #include "box_loss/box_loss.h"
 #include "mask_loss/mask_loss.h"
+#include "pack/pack.h"
 
 namespace py = pybind11;
 using pyfast::BoxLossArgs;
@@ -80,7 +81,24 @@ PYBIND11_MODULE(_C, m) {
                              ptr(targets), ptr(iou), threads);
       },
       nogil);
+  m.def(
+      "pack_cpu",
+      [](uintptr_t items, int64_t num_items, uintptr_t dst, int out_dtype, bool saturate, uintptr_t counts,
+         uintptr_t absmax, int threads) {
+        pyfast::pack_cpu(ptr<const pyfast::PackItem>(items), num_items, ptr(dst), out_dtype, saturate,
+                         ptr<int64_t>(counts), ptr<double>(absmax), threads);
+      },
+      nogil);
+  m.def("_pack_cpu_force_generic", &pyfast::pack_cpu_force_generic, "tests only: skip the AVX2 pack loops");
 #if PYFAST_WITH_CUDA
+  m.def(
+      "pack_cuda",
+      [](uintptr_t items, int64_t num_items, int64_t max_numel, uintptr_t dst, int out_dtype, bool saturate,
+         uintptr_t counts, uintptr_t absmax, uintptr_t stream) {
+        pyfast::pack_cuda(ptr<const pyfast::PackItem>(items), num_items, max_numel, ptr(dst), out_dtype, saturate,
+                          ptr<int64_t>(counts), ptr<double>(absmax), stream);
+      },
+      nogil);
   m.def("box_loss_cuda_workspace", &pyfast::box_loss_cuda_workspace);
   m.def(
       "box_loss_forward_cuda",

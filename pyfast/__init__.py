@@ -1,8 +1,33 @@
 """pyfast: fast, hard-to-break training of box and mask refinement heads on frozen backbone features."""
 
 from pyfast._native import native_available
+from pyfast.cache import (
+    FeatureCache,
+    Packed,
+    PackedFormatError,
+    bytes_key,
+    file_key,
+    load_packed,
+    make_fingerprint,
+    pack,
+)
 from pyfast.ops import box_iou, box_loss, mask_iou, mask_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "box_iou", "box_loss", "mask_iou", "mask_loss", "native_available"]
+__all__ = [
+    "FeatureCache",
+    "Packed",
+    "PackedFormatError",
+    "__version__",
+    "box_iou",
+    "box_loss",
+    "bytes_key",
+    "file_key",
+    "load_packed",
+    "make_fingerprint",
+    "mask_iou",
+    "mask_loss",
+    "native_available",
+    "pack",
+]

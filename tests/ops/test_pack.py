@@ -1,0 +1,239 @@
+"""pyfast.pack's kernel: bit-exact casts, statistics and policies against torch and the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pyfast
+from pyfast.ops.pack import pack_buffers
+from pyfast.ops.reference import pack_reference
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TARGETS = (torch.float16, torch.bfloat16)
+
+
+def assert_same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal bit patterns; NaNs only need to be NaN in both (payloads may differ)."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    got_nan, want_nan = torch.isnan(got.float()), torch.isnan(want.float())
+    assert torch.equal(got_nan, want_nan)
+    assert torch.equal(got.view(torch.int16)[~got_nan], want.view(torch.int16)[~want_nan])
+
+
+def all_float16() -> torch.Tensor:
+    return torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+
+
+def halfway_float32() -> torch.Tensor:
+    """float32 values exactly between neighbouring float16 values (normal and subnormal), the
+    values either side of each, and the edges of the range."""
+    h = all_float16().float()
+    h = h[torch.isfinite(h)].unique()
+    mids = (h[:-1].double() + h[1:].double()) / 2
+    near = torch.cat([mids, torch.nextafter(mids, torch.tensor(-1e30, dtype=torch.float64)),
+                      torch.nextafter(mids, torch.tensor(1e30, dtype=torch.float64))]).float()
+    edges = torch.tensor([65504.0, 65519.996, 65520.0, 65536.0, 2.0**-24, 2.0**-25, 2.0**-25 * 1.0000001,
+                          2.0**-26, 3e-8, 6.1e-5, 1e-45, 3.4e38, float("inf"), float("nan")])
+    return torch.cat([near, edges, -edges])
+
+
+def random_bits_float32(n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(-(2**31), 2**31, (n,), dtype=torch.int64, generator=g).to(torch.int32).view(torch.float32)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize(
+    "source",
+    [
+        pytest.param(lambda: all_float16(), id="every-float16"),
+        pytest.param(lambda: all_float16().float().to(torch.bfloat16), id="float16-as-bfloat16"),
+        pytest.param(lambda: torch.arange(-(2**15), 2**15).to(torch.int16).view(torch.bfloat16), id="every-bfloat16"),
+        pytest.param(halfway_float32, id="float32-halfway"),
+        pytest.param(lambda: random_bits_float32(1 << 20), id="float32-random-bits"),
+        pytest.param(lambda: halfway_float32().double(), id="float64-halfway"),
+    ],
+)
+def test_bit_identical_to_torch_cast(source, target):
+    x = source()
+    buffer, _counts, _absmax = pack_buffers([x], target, saturate=False)
+    assert_same_bits(buffer, x.to(target).reshape(-1))
+
+
+@pytest.fixture(params=["simd", "generic"])
+def isa(request):
+    """Runs a test with the AVX2 loops (where the CPU has them) and with the baseline-ISA loops."""
+    from pyfast import _native
+
+    generic = request.param == "generic"
+    _native._C._pack_cpu_force_generic(generic)
+    yield request.param
+    _native._C._pack_cpu_force_generic(False)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("saturate", [False, True])
+def test_both_cpu_code_paths_agree_with_reference(isa, target, saturate):
+    inputs = mixed_inputs() + [halfway_float32(), random_bits_float32(4099)]
+    got = pack_buffers(inputs, target, saturate)
+    want = pack_reference(inputs, dtype=target, saturate=saturate)
+    assert_same_bits(got[0], want[0])
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_float64_rounds_through_float32_like_torch(target):
+    # Doubles just above a float16/bfloat16 halfway point that round to the halfway point in
+    # float32: a direct double -> 16-bit rounding would differ from torch's double -> float -> 16.
+    base = halfway_float32().double()
+    base = base[torch.isfinite(base)]
+    x = torch.cat([base * (1 + 2.0**-40), base * (1 - 2.0**-40), torch.randn(10000, dtype=torch.float64) * 1e3])
+    buffer, _, _ = pack_buffers([x], target, saturate=False)
+    assert_same_bits(buffer, x.to(target))
+
+
+def mixed_inputs():
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(1000, generator=g) * 3e4
+    a[[3, 500]] = float("nan")
+    a[7] = float("-inf")
+    b = (torch.randn(70000, generator=g, dtype=torch.float64) * 1e5)
+    c = torch.randn(33, 17, generator=g).to(torch.bfloat16) * 1e6
+    d = torch.randn(5, generator=g).to(torch.float16)
+    return [a, b, c, d, torch.empty(0), torch.tensor(-70000.0)]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("saturate", [False, True])
+def test_matches_reference_with_statistics(target, saturate):
+    inputs = mixed_inputs()
+    buffer, counts, absmax = pack_buffers(inputs, target, saturate)
+    ref_buffer, ref_counts, ref_absmax = pack_reference(inputs, dtype=target, saturate=saturate)
+    assert_same_bits(buffer, ref_buffer)
+    assert torch.equal(counts, ref_counts)
+    assert torch.equal(absmax, ref_absmax)
+    if target == torch.float16:
+        assert counts[:, 0].tolist() == [3, 0, 0, 0, 0, 0]
+        assert counts[0, 1] > 0 and counts[1, 1] > 0 and counts[5, 1] == 1
+    else:
+        assert counts[:, 1].sum() == 0  # nothing here is beyond bfloat16's range
+
+
+def test_statistics_do_not_depend_on_thread_count():
+    x = torch.randn(1 << 20) * 1e5
+    x[::1000] = float("nan")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = pack_buffers([x, x[:12345]], torch.float16, True)
+        torch.set_num_threads(max(2, before))
+        many = pack_buffers([x, x[:12345]], torch.float16, True)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, many):
+        assert torch.equal(a.view(torch.int16) if a.dtype == torch.float16 else a, b.view(torch.int16) if b.dtype == torch.float16 else b)
+
+
+def test_non_contiguous_inputs_pack_like_contiguous_copies():
+    base = torch.randn(64, 48, dtype=torch.float32)
+    views = {"t": base.t(), "slice": base[::3, 5:40:2], "expand": torch.randn(1, 8).expand(16, 8), "neg": base[:, 7]}
+    packed = pyfast.pack(views)
+    for name, view in views.items():
+        assert not view.is_contiguous()
+        assert_same_bits(packed.unpack()[name], view.to(torch.float16))
+
+
+def test_policies_raise_naming_tensor_and_count():
+    good = torch.ones(4)
+    with pytest.raises(ValueError, match=r"'bad' \(2 non-finite\)"):
+        pyfast.pack({"good": good, "bad": torch.tensor([1.0, float("nan"), float("inf")])})
+    with pytest.raises(OverflowError, match=r"'big' \(3 out of range\)"):
+        pyfast.pack({"good": good, "big": torch.tensor([7e4, -1e5, 65520.0, 65519.0])})
+    # inf is non-finite, not an overflow: with nonfinite="keep" it passes the overflow check
+    kept = pyfast.pack({"x": torch.tensor([float("inf"), float("nan"), 1.0])}, nonfinite="keep")
+    out = kept.unpack()["x"]
+    assert out[0] == float("inf") and torch.isnan(out[1]) and out[2] == 1.0
+    assert kept.stats["x"].nonfinite == 2 and kept.stats["x"].overflow == 0
+
+
+def test_saturate_clamps_to_max_and_keeps_infinities():
+    x = torch.tensor([7e4, -1e9, 65519.0, 65520.0, float("-inf"), 3.0])
+    packed = pyfast.pack({"x": x}, overflow="saturate", nonfinite="keep")
+    assert packed.unpack()["x"].tolist() == [65504.0, -65504.0, 65504.0, 65504.0, float("-inf"), 3.0]
+    s = packed.stats["x"]
+    assert (s.nonfinite, s.overflow, s.absmax) == (1, 3, 1e9)
+    bf = pyfast.pack({"x": torch.tensor([1e39, -1e300], dtype=torch.float64)}, dtype=torch.bfloat16, overflow="saturate")
+    assert bf.unpack()["x"].tolist() == [torch.finfo(torch.bfloat16).max, -torch.finfo(torch.bfloat16).max]
+
+
+def test_sequence_names_and_empty_inputs():
+    packed = pyfast.pack([torch.ones(2), torch.zeros(()), torch.empty(0, 3)])
+    assert packed.names == ["0", "1", "2"]
+    assert packed.shapes == {"0": (2,), "1": (), "2": (0, 3)}
+    assert packed.nbytes == 6
+    empty = pyfast.pack({})
+    assert empty.nbytes == 0 and empty.unpack() == {}
+
+
+def test_bad_arguments_name_the_argument():
+    with pytest.raises(TypeError, match="tensor 'ids'"):
+        pyfast.pack({"ids": torch.arange(3)})
+    with pytest.raises(TypeError, match="dtype must be torch.float16 or torch.bfloat16"):
+        pyfast.pack({"x": torch.ones(2)}, dtype=torch.float32)
+    with pytest.raises(ValueError, match="overflow"):
+        pyfast.pack({"x": torch.ones(2)}, overflow="clip")
+    with pytest.raises(ValueError, match="nonfinite"):
+        pyfast.pack({"x": torch.ones(2)}, nonfinite="drop")
+    with pytest.raises(ValueError, match="tensor 'm' is on meta"):
+        pyfast.pack({"x": torch.ones(2), "m": torch.ones(2, device="meta")})
+    with pytest.raises(TypeError, match="mapping name -> tensor or a sequence"):
+        pyfast.pack(torch.ones(3))
+    with pytest.raises(ValueError, match="reserved"):
+        pyfast.pack({"__metadata__": torch.ones(1)})
+
+
+def test_reference_backend_gives_the_same_pack(monkeypatch):
+    from pyfast import _native
+
+    inputs = {"a": torch.randn(100) * 1e5, "b": torch.randn(7, dtype=torch.float64)}
+    native = pyfast.pack(inputs, overflow="saturate")
+    monkeypatch.setattr(_native, "_setting", "reference")
+    reference = pyfast.pack(inputs, overflow="saturate")
+    assert torch.equal(native.buffer.view(torch.int16), reference.buffer.view(torch.int16))
+    assert native.stats == reference.stats
+
+
+def test_inputs_that_require_grad_are_packed_as_values():
+    x = torch.randn(10, requires_grad=True)
+    out = pyfast.pack({"x": x * 2}).unpack()["x"]
+    assert not out.requires_grad and torch.equal(out, (x * 2).detach().half())
+
+
+def test_opcheck():
+    tensors = [torch.randn(5, 3), torch.randn(7, dtype=torch.float64)]
+    torch.library.opcheck(torch.ops.pyfast.pack_cast.default, (tensors, torch.float16, False))
+
+
+@cuda
+@pytest.mark.parametrize("target", TARGETS)
+def test_cuda_matches_cpu(target):
+    inputs = mixed_inputs()
+    cpu = pack_buffers(inputs, target, True)
+    gpu = pack_buffers([t.cuda() for t in inputs], target, True)
+    assert_same_bits(gpu[0].cpu(), cpu[0])
+    assert torch.equal(gpu[1].cpu(), cpu[1]) and torch.equal(gpu[2].cpu(), cpu[2])
+
+
+@cuda
+def test_cuda_pack_policies_and_unpack_devices():
+    x = torch.randn(100, device="cuda")
+    packed = pyfast.pack({"x": x, "y": x[::2]})
+    assert packed.device.type == "cuda"
+    assert_same_bits(packed.unpack()["y"], x[::2].half())
+    with pytest.raises(OverflowError, match="'x'"):
+        pyfast.pack({"x": x * 1e6})
+    on_cpu = packed.unpack(device="cpu", dtype=torch.float32)
+    assert on_cpu["x"].device.type == "cpu" and torch.equal(on_cpu["x"], x.half().float().cpu())
+    back = pyfast.pack({"x": x.cpu()}).unpack(device="cuda")
+    assert back["x"].device.type == "cuda" and torch.equal(back["x"], x.half())
