@@ -1,0 +1,57 @@
+"""Data sources (synthetic, npz, coco), the robust dataset over them, and skip bookkeeping.
+
+A bad sample never crashes an epoch: `Source.load` raises BadSample, `RobustDataset` turns it into a
+SkippedSample record, `collate` sets it aside and `SkipTracker` counts it once, logs it to
+`skipped.jsonl`, and aborts the run once too large a fraction of the data is bad.
+"""
+
+from .builder import MissingSourceError, SourceList, SourceStatus, build_sources, format_source_table, open_source
+from .coco import CocoSource
+from .coco_eval import coco_box_ap
+from .dataset import Batch, RobustDataset, collate
+from .npz import NpzSource
+from .sample import BadSample, Sample, SkippedSample
+from .skip import SkipTracker, TooManyBadSamples
+from .source import Source
+from .spec import (
+    DEFAULT_DATA_SPEC,
+    DEFAULT_MAX_SKIP_FRACTION,
+    SourceSpec,
+    add_data_arguments,
+    data_specs_from_args,
+    parse_data_spec,
+)
+from .synthetic import GENERATOR_VERSION, SyntheticSource
+from .transforms import Letterbox, LetterboxedSample, letterbox
+
+__all__ = [
+    "BadSample",
+    "Batch",
+    "CocoSource",
+    "DEFAULT_DATA_SPEC",
+    "DEFAULT_MAX_SKIP_FRACTION",
+    "GENERATOR_VERSION",
+    "Letterbox",
+    "LetterboxedSample",
+    "MissingSourceError",
+    "NpzSource",
+    "RobustDataset",
+    "Sample",
+    "SkipTracker",
+    "SkippedSample",
+    "Source",
+    "SourceList",
+    "SourceSpec",
+    "SourceStatus",
+    "SyntheticSource",
+    "TooManyBadSamples",
+    "add_data_arguments",
+    "build_sources",
+    "coco_box_ap",
+    "collate",
+    "data_specs_from_args",
+    "format_source_table",
+    "letterbox",
+    "open_source",
+    "parse_data_spec",
+]

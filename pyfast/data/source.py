@@ -1,0 +1,49 @@
+"""The interface every data source implements."""
+
+from __future__ import annotations
+
+import abc
+
+from .sample import Sample
+
+
+class Source(abc.ABC):
+    """An indexed collection of samples.
+
+    `load(i)` returns a validated Sample or raises BadSample; it never returns partial data. Sources
+    are pickled into DataLoader workers, so after construction they hold only numpy arrays and
+    scalars, and `load` is a pure function of the index and the files on disk.
+    """
+
+    kind: str = ""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
+
+    @abc.abstractmethod
+    def load(self, index: int) -> Sample: ...
+
+    @abc.abstractmethod
+    def describe(self, index: int) -> str:
+        """The sample's file relative to the source root (or e.g. `synthetic[i]`)."""
+
+    def _check_index(self, index: int) -> int:
+        # An out-of-range index is a caller bug, not a bad sample: IndexError, never BadSample.
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {self.name} with {len(self)} samples")
+        return index
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, samples={len(self)})"
+
+
+def limit_count(count: int, max_samples: int | None) -> int:
+    if max_samples is None:
+        return count
+    if max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+    return min(count, max_samples)
