@@ -12,7 +12,7 @@ from pyfast import _native
 from pyfast.ops import reference
 from pyfast.ops.mask_loss import _FOCAL_GAMMA2, _NUM_SUMS
 
-from conftest import requires_cuda
+from conftest import assert_close, requires_cuda
 
 REDUCTIONS = ["none", "sum", "mean"]
 TARGET_KINDS = ["bool", "uint8", "soft"]
@@ -54,15 +54,6 @@ def _reference64(logits, targets, **kw):
     if targets.is_floating_point():
         targets = targets.double()
     return _run(reference.mask_loss_reference, logits.double(), targets, **kw)
-
-
-def assert_close(actual, expected, rtol, atol):
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol)
-
-
-def test_native_cpu_backend_is_built():
-    assert pyfast.native_available("cpu")
-    assert _native.use_native("cpu")
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
