@@ -75,7 +75,8 @@ def test_source_throughput(benchmark, generated, kind, workers):
             skipped += len(batch.skipped)
         return good, skipped
 
-    good, skipped = benchmark.pedantic(epoch, rounds=3, iterations=1, warmup_rounds=1)
+    good, skipped = benchmark.pedantic(epoch, rounds=5, iterations=1, warmup_rounds=1)
     assert (good, skipped) == (NUM_SAMPLES, 0)
-    samples_per_s = NUM_SAMPLES / benchmark.stats.stats.mean
+    # The median epoch: robust to a neighbour process stealing the CPU for one round.
+    samples_per_s = NUM_SAMPLES / benchmark.stats.stats.median
     benchmark.extra_info.update({"source": kind, "workers": workers, "samples": NUM_SAMPLES, "samples_per_s": round(samples_per_s, 1)})

@@ -6,8 +6,8 @@
 #include <cstdint>
 
 #include "box_loss/box_loss.h"
-#include "pack/pack.h"
 #include "mask_loss/mask_loss.h"
+#include "pack/pack.h"
 
 namespace py = pybind11;
 using pyfast::BoxLossArgs;
@@ -54,15 +54,6 @@ PYBIND11_MODULE(_C, m) {
       },
       nogil);
   m.def(
-      "pack_cpu",
-      [](uintptr_t items, int64_t num_items, uintptr_t dst, int out_dtype, bool saturate, uintptr_t counts,
-         uintptr_t absmax, int threads) {
-        pyfast::pack_cpu(ptr<const pyfast::PackItem>(items), num_items, ptr(dst), out_dtype, saturate,
-                         ptr<int64_t>(counts), ptr<double>(absmax), threads);
-      },
-      nogil);
-  m.def("_pack_cpu_force_generic", &pyfast::pack_cpu_force_generic, "tests only: skip the AVX2 pack loops");
-  m.def(
       "mask_loss_forward_cpu",
       [](int64_t n, int64_t m, int dtype, int target_dtype, int focal, double bce_weight, double dice_weight,
          double focal_weight, double alpha, double gamma, double smooth, uintptr_t logits, uintptr_t targets,
@@ -90,6 +81,15 @@ PYBIND11_MODULE(_C, m) {
                              ptr(targets), ptr(iou), threads);
       },
       nogil);
+  m.def(
+      "pack_cpu",
+      [](uintptr_t items, int64_t num_items, uintptr_t dst, int out_dtype, bool saturate, uintptr_t counts,
+         uintptr_t absmax, int threads) {
+        pyfast::pack_cpu(ptr<const pyfast::PackItem>(items), num_items, ptr(dst), out_dtype, saturate,
+                         ptr<int64_t>(counts), ptr<double>(absmax), threads);
+      },
+      nogil);
+  m.def("_pack_cpu_force_generic", &pyfast::pack_cpu_force_generic, "tests only: skip the AVX2 pack loops");
 #if PYFAST_WITH_CUDA
   m.def(
       "pack_cuda",

@@ -15,7 +15,7 @@ pip install --no-build-isolation --no-deps . >"$OUT/build.log" 2>&1 || { tail -4
 # rather than the source tree.
 (cd /tmp && python -m pyfast.info) | tee "$OUT/info.txt"
 
-pytest tests/ops -q -x -p no:cacheprovider --rootdir=. 2>&1 | tee "$OUT/tests.log" | tail -15
+pytest tests/ops tests/cache -q -x -p no:cacheprovider --rootdir=. 2>&1 | tee "$OUT/tests.log" | tail -15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 bench_filter=${1:-}

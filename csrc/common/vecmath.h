@@ -16,16 +16,22 @@ namespace pyfast {
 namespace vm {
 
 #if !defined(__CUDA_ARCH__)
-inline int32_t float_bits_i(float f) { return static_cast<int32_t>(float_to_bits(f)); }
-inline float bits_i_float(int32_t i) { return bits_to_float(static_cast<uint32_t>(i)); }
+// Always inlined, also into the AVX2 clones of the kernels' loops: a call keeps a loop scalar.
+#define PYFAST_VM_INLINE inline __attribute__((always_inline))
+
+PYFAST_VM_INLINE int32_t float_bits_i(float f) { return static_cast<int32_t>(float_to_bits(f)); }
+PYFAST_VM_INLINE float bits_i_float(int32_t i) { return bits_to_float(static_cast<uint32_t>(i)); }
 
 // exp(x) for x <= 0: 0 below -87 (where the float result would be subnormal), NaN for NaN.
 // Cephes expf: x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial, 2^n from the bits.
-inline float exp_nonpos_f(float x) {
-  const bool nan = x != x;
-  const float xc = nan ? 0.0f : (x < -87.0f ? -87.0f : x);
+// The underflow and NaN cases are folded in with a multiply rather than a final select: GCC keeps
+// a select of the computed value as a branch once SSE4.1/AVX2 is enabled, and the loop stays scalar.
+PYFAST_VM_INLINE float exp_nonpos_f(float x) {
+  const bool in_range = x >= -87.0f;           // false for NaN and below -87
+  const float xn = in_range ? x : -87.0f;      // finite: a defined float -> int conversion
+  const float xc = x < -87.0f ? -87.0f : x;    // keeps NaN, so the polynomial turns NaN
   // Round to nearest by truncating x*log2(e) - 0.5 (always <= 0 here): no floor() call.
-  const int32_t n = static_cast<int32_t>(xc * 1.44269504088896341f - 0.5f);
+  const int32_t n = static_cast<int32_t>(xn * 1.44269504088896341f - 0.5f);
   const float fn = static_cast<float>(n);
   float r = xc - fn * 0.693359375f;
   r = r - fn * -2.12194440e-4f;
@@ -37,12 +43,12 @@ inline float exp_nonpos_f(float x) {
   poly = poly * r + 5.0000001201e-1f;
   const float er = poly * r * r + r + 1.0f;
   const float scale = bits_i_float((n + 127) << 23);  // n in [-126, 0]: a normal power of two
-  const float result = x < -87.0f ? 0.0f : er * scale;
-  return nan ? x : result;
+  // Below -87: finite * 0 = 0. NaN: NaN * 0 = NaN.
+  return er * scale * (in_range ? 1.0f : 0.0f);
 }
 
 // 2 atanh(s) = log((1+s)/(1-s)) for |s| <= 1/3, by its odd series (error below 2e-9 relative).
-inline float two_atanh(float s) {
+PYFAST_VM_INLINE float two_atanh(float s) {
   const float z = s * s;
   float poly = 1.0f / 15.0f;
   poly = poly * z + 1.0f / 13.0f;
@@ -57,10 +63,10 @@ inline float two_atanh(float s) {
 
 // log1p(e) for e in [0, 1] (the softplus tail log1p(exp(-|x|))): with s = e / (2 + e),
 // log1p(e) = 2 atanh(s) and s <= 1/3. No cancellation, so tiny e keeps full relative accuracy.
-inline float log1p_unit_f(float e) { return two_atanh(e / (2.0f + e)); }
+PYFAST_VM_INLINE float log1p_unit_f(float e) { return two_atanh(e / (2.0f + e)); }
 
 // log(w) for w > 0 finite (subnormals included). Callers select away w <= 0.
-inline float log_pos_f(float w) {
+PYFAST_VM_INLINE float log_pos_f(float w) {
   const bool sub = w < 1.17549435e-38f;
   const float ws = sub ? w * 8388608.0f : w;  // * 2^23
   const int32_t bits = float_bits_i(ws);

@@ -10,6 +10,9 @@
 #include "common/parallel.h"
 #include "mask_loss/mask_loss_math.h"
 
+// Element lambdas must inline into the AVX2 clones of the loops that call them.
+#define PYFAST_ELEM_LAMBDA __attribute__((always_inline))
+
 namespace pyfast {
 namespace {
 
@@ -53,22 +56,27 @@ template <class Fn> void for_each_piece(const Plan& plan, int64_t n, int64_t m, 
   for (int64_t row = b * plan.rows_per_block; row < r_end; ++row) fn(row, row * m, row * m + m, row);
 }
 
-// Sums the K values elem(i, v) over [begin, end) into out[0..K) (double). Two loops per tile:
-// an elementwise one (vectorized like the backward) that fills a small buffer, then a lane-wise
-// sum of the buffer. Fused into one loop, the compiler would not vectorize the reduction.
+// buf[k][j] = the k-th value of elem(start + j) for j < len, zero up to kTile: the elementwise
+// half of sum_range, a branch-free map the compiler vectorizes (AVX2 where the CPU has it).
+template <int K, class A, class Elem>
+PYFAST_SIMD_CLONES void fill_tile(const Elem& elem, int64_t start, int len, A (*buf)[kTile]) {
+  for (int j = 0; j < len; ++j) {
+    A v[K];
+    elem(start + j, v);
+    for (int k = 0; k < K; ++k) buf[k][j] = v[k];
+  }
+  for (int k = 0; k < K; ++k) {
+    for (int j = len; j < kTile; ++j) buf[k][j] = A(0);  // a short last tile adds zeros
+  }
+}
+
+// Sums the K values elem(i, v) over [begin, end) into out[0..K) (double), tile by tile: fill a
+// small buffer, then add it lane-wise. Fused into one loop, the reduction would stay scalar.
 template <int K, class A, class Elem> void sum_range(int64_t begin, int64_t end, const Elem& elem, double* out) {
   A acc[K][kLanes] = {};
   alignas(64) A buf[K][kTile];
   for (int64_t start = begin; start < end; start += kTile) {
-    const int len = static_cast<int>(std::min<int64_t>(kTile, end - start));
-    for (int j = 0; j < len; ++j) {
-      A v[K];
-      elem(start + j, v);
-      for (int k = 0; k < K; ++k) buf[k][j] = v[k];
-    }
-    for (int k = 0; k < K; ++k) {
-      for (int j = len; j < kTile; ++j) buf[k][j] = A(0);  // a short last tile adds zeros
-    }
+    fill_tile<K>(elem, start, static_cast<int>(std::min<int64_t>(kTile, end - start)), buf);
     for (int k = 0; k < K; ++k) {
       for (int j = 0; j < kTile; j += kLanes) {
         for (int l = 0; l < kLanes; ++l) acc[k][l] += buf[k][j + l];
@@ -112,7 +120,7 @@ void forward_impl(const MaskLossArgs& args, const Loss& loss, const T* logits, c
                   A* out, bool reduce, double scale, int num_threads) {
   const std::vector<double> sums = row_sums<mask::kNumSums, A>(
       args.n, args.m, num_threads,
-      [&](int64_t i, A* v) { loss.forward(to_acc<A>(logits[i]), mask::load_target<A>(targets[i]), v); });
+      [&](int64_t i, A* v) PYFAST_ELEM_LAMBDA { loss.forward(to_acc<A>(logits[i]), mask::load_target<A>(targets[i]), v); });
   const mask::RowMath<A> rm = row_math<A>(args);
   double total = 0.0;
   for (int64_t row = 0; row < args.n; ++row) {
@@ -128,6 +136,15 @@ void forward_impl(const MaskLossArgs& args, const Loss& loss, const T* logits, c
   if (reduce) out[0] = static_cast<A>(total * scale);
 }
 
+// The backward's elementwise map over one piece of a mask.
+template <class T, class TT, class Loss, class A>
+PYFAST_SIMD_CLONES void grad_range(const Loss& loss, const mask::RowCoef<A>& c, int64_t count, const T* logits,
+                                   const TT* targets, T* grad_logits) {
+  for (int64_t i = 0; i < count; ++i) {
+    grad_logits[i] = from_acc<T>(mask::element_grad(loss, c, to_acc<A>(logits[i]), mask::load_target<A>(targets[i])));
+  }
+}
+
 template <class T, class TT, class Loss, class A = typename Acc<T>::type>
 void backward_impl(const MaskLossArgs& args, const Loss& loss, const A* grad_out, bool grad_is_scalar, double scale,
                    const T* logits, const TT* targets, const A* sums, T* grad_logits, int num_threads) {
@@ -137,10 +154,7 @@ void backward_impl(const MaskLossArgs& args, const Loss& loss, const A* grad_out
     for_each_piece(plan, args.n, args.m, b, [&](int64_t row, int64_t begin, int64_t end, int64_t) {
       const A g = (grad_is_scalar ? grad_out[0] : grad_out[row]) * A(scale);
       const mask::RowCoef<A> c = mask::row_coef(rm, sums + row * mask::kNumSums, g);
-      for (int64_t i = begin; i < end; ++i) {
-        grad_logits[i] = from_acc<T>(
-            mask::element_grad(loss, c, to_acc<A>(logits[i]), mask::load_target<A>(targets[i])));
-      }
+      grad_range(loss, c, end - begin, logits + begin, targets + begin, grad_logits + begin);
     });
   });
 }
@@ -149,7 +163,7 @@ template <class T, class TT, class A = typename Acc<T>::type>
 void iou_impl(const MaskLossArgs& args, A threshold, const T* logits, const TT* targets, A* iou, int num_threads) {
   const std::vector<double> sums = row_sums<mask::kNumIoUSums, A>(
       args.n, args.m, num_threads,
-      [&](int64_t i, A* v) { mask::iou_element(to_acc<A>(logits[i]), mask::load_target<A>(targets[i]), threshold, v); });
+      [&](int64_t i, A* v) PYFAST_ELEM_LAMBDA { mask::iou_element(to_acc<A>(logits[i]), mask::load_target<A>(targets[i]), threshold, v); });
   for (int64_t row = 0; row < args.n; ++row) {
     iou[row] = static_cast<A>(mask::iou_from_sums<double>(sums.data() + row * mask::kNumIoUSums));
   }

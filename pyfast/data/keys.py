@@ -1,21 +1,16 @@
-"""Content-based cache keys.
+"""Content-based cache keys for data samples.
 
-A key names what the features are computed from: the file's bytes (so moving or copying the data
-folder keeps every key, and editing a file changes it), never an absolute path or a device.
+A key names what the features are computed from: the file's bytes, which the source reads anyway
+to load the sample (so moving or copying the data folder keeps every key, and editing a file changes
+it), never an absolute path or a device. The hashing itself is the cache's `bytes_key`.
 """
 
 from __future__ import annotations
 
-import hashlib
-
-KEY_DIGEST_BYTES = 16
+from pyfast.cache.keys import bytes_key
 
 
 def content_key(kind: str, content: bytes, *extra: object) -> str:
-    """`kind-<hex>` over the content and the extra parts (e.g. a COCO image id)."""
-    digest = hashlib.blake2b(digest_size=KEY_DIGEST_BYTES)
-    digest.update(content)
-    for part in extra:
-        digest.update(b"\x00")
-        digest.update(str(part).encode("utf-8"))
-    return f"{kind}-{digest.hexdigest()}"
+    """`kind[:extra...]:` + the hash of the content (extra: e.g. a COCO image id)."""
+    prefix = ":".join([kind, *map(str, extra)]) + ":"
+    return bytes_key(content, prefix=prefix)

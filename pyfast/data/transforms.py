@@ -81,7 +81,10 @@ class Letterbox:
         else:
             resized = Image.fromarray(sample.image).resize((new_width, new_height), Image.BILINEAR)
             image[:new_height, :new_width] = np.asarray(resized)
-        image_tensor = torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)
+        # numpy, not torch: with workers=0 this runs in the training process, where torch's intra-op
+        # threads would contend with the training step's own.
+        chw = np.ascontiguousarray(image.transpose(2, 0, 1))
+        image_tensor = torch.from_numpy(np.divide(chw, np.float32(255.0), dtype=np.float32))
 
         # Nearest-neighbour by pixel centres: output pixel (r, c) takes source ((r+0.5)/sy, (c+0.5)/sx).
         rows = np.minimum(((np.arange(new_height) + 0.5) / sy).astype(np.int64), height - 1)

@@ -56,6 +56,13 @@ def check_avg_factor(value):
     return check_number("avg_factor", value, positive=True)
 
 
+def mean_scale(n: int, reduction: int, avg_factor) -> float:
+    """The factor the kernels multiply the summed loss by: 1 / (avg_factor or N) for mean, else 1."""
+    if reduction != REDUCTIONS["mean"]:
+        return 1.0
+    return 1.0 / (avg_factor if avg_factor is not None else max(n, 1))
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the kernels compute and return losses in: float64 for float64, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -21,6 +21,7 @@ from pyfast.ops._checks import (
     check_number,
     check_same_device,
     check_tensor,
+    mean_scale,
 )
 from pyfast.ops._library import LIB, impl_cpu_cuda
 
@@ -59,11 +60,6 @@ def _check_boxes(pred, target, weight) -> None:
         check_same_device("weight", weight, "pred", pred)
 
 
-def _scale(n: int, reduction: int, avg_factor) -> float:
-    if reduction != REDUCTIONS["mean"]:
-        return 1.0
-    return 1.0 / (avg_factor if avg_factor is not None else max(n, 1))
-
 
 def _aligned_boxes(boxes: torch.Tensor) -> torch.Tensor:
     """Contiguous, and on CUDA aligned to one box (the kernels load a box as one vector)."""
@@ -88,7 +84,7 @@ def _run_forward(pred, target, weight, mode, box_format, l1_weight, iou_weight, 
     out = pred.new_empty(() if reduce else (n,), dtype=acc)
     args = (n, _native.DTYPE_CODES[pred.dtype], mode, box_format, l1_weight, iou_weight, eps)
     ptrs = (pred.data_ptr(), target.data_ptr(), 0 if weight is None else weight.data_ptr(), out.data_ptr())
-    scale = _scale(n, reduction, avg_factor)
+    scale = mean_scale(n, reduction, avg_factor)
     if pred.is_cuda:
         workspace = torch.empty(_native._C.box_loss_cuda_workspace(n) if reduce else 0, dtype=acc, device=pred.device)
         with torch.cuda.device(pred.device):
@@ -128,7 +124,7 @@ def _box_loss_backward(
     grad_weight = pred.new_empty((n,) if weight_grad else (0,), dtype=acc)
     args = (
         n, _native.DTYPE_CODES[pred.dtype], mode, box_format, l1_weight, iou_weight, eps,
-        grad.data_ptr(), grad_is_scalar, _scale(n, reduction, avg_factor),
+        grad.data_ptr(), grad_is_scalar, mean_scale(n, reduction, avg_factor),
         pred.data_ptr(), target.data_ptr(), 0 if weight is None else weight.data_ptr(),
         grad_pred.data_ptr(), grad_target.data_ptr() if target_grad else 0,
         grad_weight.data_ptr() if weight_grad else 0,

@@ -29,6 +29,7 @@ from pyfast.ops._checks import (
     check_number,
     check_same_device,
     check_tensor,
+    mean_scale,
 )
 from pyfast.ops._library import LIB, impl_cpu_cuda
 
@@ -85,11 +86,6 @@ def _focal_mode(focal_weight: float, gamma: float) -> int:
     return _FOCAL_GAMMA2 if gamma == 2.0 else _FOCAL_GENERAL
 
 
-def _scale(n: int, reduction: int, avg_factor) -> float:
-    if reduction != REDUCTIONS["mean"]:
-        return 1.0
-    return 1.0 / (avg_factor if avg_factor is not None else max(n, 1))
-
 
 def _kernel_args(logits, targets, bce_weight, dice_weight, focal_weight, alpha, gamma, smooth):
     n, m = _check_masks(logits, targets)
@@ -118,7 +114,7 @@ def _mask_loss_forward(
     out = logits.new_empty(() if reduce else (n,), dtype=acc)
     sums = logits.new_empty((n, _NUM_SUMS), dtype=acc)
     ptrs = (logits.data_ptr(), targets.data_ptr(), sums.data_ptr(), out.data_ptr())
-    scale = _scale(n, reduction, avg_factor)
+    scale = mean_scale(n, reduction, avg_factor)
     if logits.is_cuda:
         workspace = _workspace(n, m, logits)
         with torch.cuda.device(logits.device):
@@ -148,7 +144,7 @@ def _mask_loss_backward(
     sums = sums.contiguous()
     grad_logits = torch.empty(shape, dtype=logits.dtype, device=logits.device)
     ptrs = (
-        grad.data_ptr(), grad_is_scalar, _scale(n, reduction, avg_factor),
+        grad.data_ptr(), grad_is_scalar, mean_scale(n, reduction, avg_factor),
         logits.data_ptr(), targets.data_ptr(), sums.data_ptr(), grad_logits.data_ptr(),
     )  # fmt: skip
     if logits.is_cuda:

@@ -107,29 +107,6 @@ def box_loss_reference(
     return _reduce(loss, reduction, avg_factor)
 
 
-def pack_reference(tensors, *, dtype=torch.float16, saturate=False):
-    """Casts each tensor with `.to(dtype)` into one flat buffer; per tensor counts the non-finite
-    values and the overflows (finite in the source, infinite after the cast) and takes max |x| over
-    the finite values. Saturation replaces overflows by +-finfo(dtype).max."""
-    parts, counts, absmax = [], [], []
-    top = torch.finfo(dtype).max
-    for t in tensors:
-        x = t.to(dtype).reshape(-1)
-        finite = torch.isfinite(t).reshape(-1)
-        over = finite & torch.isinf(x)
-        if saturate:
-            x = torch.where(over, torch.full_like(x, top).copysign(x), x)
-        parts.append(x)
-        counts.append(torch.stack(((~finite).sum(), over.sum())))
-        magnitude = torch.where(finite, t.reshape(-1).abs(), torch.zeros((), dtype=t.dtype, device=t.device))
-        absmax.append(magnitude.max().to(torch.float64) if t.numel() else torch.zeros((), dtype=torch.float64, device=t.device))
-    device = tensors[0].device if tensors else torch.device("cpu")
-    buffer = torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=device)
-    count_t = torch.stack(counts).to(torch.int64) if counts else torch.zeros((0, 2), dtype=torch.int64, device=device)
-    absmax_t = torch.stack(absmax) if absmax else torch.zeros((0,), dtype=torch.float64, device=device)
-    return buffer, count_t, absmax_t
-
-
 def _mask_rows(logits: torch.Tensor, targets: torch.Tensor):
     """(N, M) logits in the accumulation dtype and targets as numbers of that dtype.
 
@@ -160,7 +137,9 @@ def mask_loss_reference(
     """BCE + dice + focal loss per mask (the first dim indexes masks), weighted and reduced."""
     x, t = _mask_rows(logits, targets)
     p, q = torch.sigmoid(x), torch.sigmoid(-x)  # q = 1 - p without cancellation
-    ce = x.clamp(min=0) - x * t + torch.log1p(torch.exp(-x.abs()))
+    # ce = max(x, 0) - x t + log1p(exp(-|x|)) = log(1 + e^x) - x t, written with logaddexp so that
+    # autograd gives the true derivative p - t at x = 0 (max and abs have kinks there).
+    ce = torch.logaddexp(x, torch.zeros_like(x)) - x * t
     bce = ce.mean(-1)
     dice = 1 - (2 * (p * t).sum(-1) + smooth) / (p.sum(-1) + t.sum(-1) + smooth)
     loss = bce_weight * bce + dice_weight * dice
@@ -180,3 +159,26 @@ def mask_iou_reference(logits, targets, threshold=0.0) -> torch.Tensor:
     union = (b + t - b * t).sum(-1)
     iou = inter / union.clamp(min=1)
     return torch.where(x.isnan().any(-1), torch.full_like(iou, float("nan")), iou)
+
+
+def pack_reference(tensors, *, dtype=torch.float16, saturate=False):
+    """Casts each tensor with `.to(dtype)` into one flat buffer; per tensor counts the non-finite
+    values and the overflows (finite in the source, infinite after the cast) and takes max |x| over
+    the finite values. Saturation replaces overflows by +-finfo(dtype).max."""
+    parts, counts, absmax = [], [], []
+    top = torch.finfo(dtype).max
+    for t in tensors:
+        x = t.to(dtype).reshape(-1)
+        finite = torch.isfinite(t).reshape(-1)
+        over = finite & torch.isinf(x)
+        if saturate:
+            x = torch.where(over, torch.full_like(x, top).copysign(x), x)
+        parts.append(x)
+        counts.append(torch.stack(((~finite).sum(), over.sum())))
+        magnitude = torch.where(finite, t.reshape(-1).abs(), torch.zeros((), dtype=t.dtype, device=t.device))
+        absmax.append(magnitude.max().to(torch.float64) if t.numel() else torch.zeros((), dtype=torch.float64, device=t.device))
+    device = tensors[0].device if tensors else torch.device("cpu")
+    buffer = torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=device)
+    count_t = torch.stack(counts).to(torch.int64) if counts else torch.zeros((0, 2), dtype=torch.int64, device=device)
+    absmax_t = torch.stack(absmax) if absmax else torch.zeros((0,), dtype=torch.float64, device=device)
+    return buffer, count_t, absmax_t

@@ -9,7 +9,6 @@ import os
 import pytest
 import torch
 
-import pyfast
 from pyfast.cache import CacheStats, FeatureCache
 from pyfast.cache._io import remove_stale_temporaries
 

@@ -8,6 +8,8 @@ from typing import Dict, Tuple
 
 import numpy as np
 from PIL import Image
+
+from pyfast.data import BadSample
 from pycocotools import mask as mask_utils
 
 
@@ -187,3 +189,13 @@ def make_coco_set(root: Path, seed: int = 0) -> Tuple[Path, Path, Dict[str, str]
     categories = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
     ann_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
     return ann_file, images_dir, dict(COCO_BAD)
+
+
+def load_all(source):
+    good, bad = {}, {}
+    for i in range(len(source)):
+        try:
+            good[source.describe(i)] = source.load(i)
+        except BadSample as error:
+            bad[source.describe(i)] = error
+    return good, bad

@@ -7,23 +7,13 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from pyfast.data import BadSample, CocoSource
+from pyfast.data import CocoSource
 from pyfast.data.packed import PackedBytes
 
-from .builders import COCO_GOOD
+from .builders import COCO_GOOD, load_all
 
 # pycocotools' compiled decoder trips a numpy 2 deprecation on every call; it is not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
-
-def load_all(source):
-    good, bad = {}, {}
-    for i in range(len(source)):
-        try:
-            good[source.describe(i)] = source.load(i)
-        except BadSample as error:
-            bad[source.describe(i)] = error
-    return good, bad
 
 
 def reference_coco(ann_file):

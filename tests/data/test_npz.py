@@ -3,19 +3,9 @@ import shutil
 import numpy as np
 import pytest
 
-from pyfast.data import BadSample, NpzSource
+from pyfast.data import NpzSource
 
-from .builders import NPZ_GOOD, make_frame, write_npz
-
-
-def load_all(source):
-    good, bad = {}, {}
-    for i in range(len(source)):
-        try:
-            good[source.describe(i)] = source.load(i)
-        except BadSample as error:
-            bad[source.describe(i)] = error
-    return good, bad
+from .builders import NPZ_GOOD, load_all, make_frame, write_npz
 
 
 def test_every_planted_corruption_is_skipped_with_its_reason(npz_set):

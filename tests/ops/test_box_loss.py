@@ -13,7 +13,7 @@ from pyfast.ops import reference
 from pyfast.ops.box_loss import FORMATS, MODES
 
 from boxes import nasty_boxes, random_boxes
-from conftest import requires_cuda
+from conftest import assert_close, requires_cuda
 
 REDUCTIONS = ["none", "sum", "mean"]
 
@@ -41,10 +41,6 @@ def _run(fn, pred, target, **kw):
 
 def _reference64(pred, target, **kw):
     return _run(reference.box_loss_reference, pred.double(), target.double(), **kw)
-
-
-def assert_close(actual, expected, rtol, atol):
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol)
 
 
 def test_native_cpu_backend_is_built():
