@@ -105,7 +105,3 @@ def probe(model: nn.Module, image_size: int, device: torch.device | str = "cpu")
         )
     return int(y.shape[1]), image_size // h
 
-
-def tiny_stride2() -> TinyBackbone:
-    """TinyBackbone at stride 2: finer maps for small images."""
-    return TinyBackbone(strides=(2, 1, 1))

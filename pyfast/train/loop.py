@@ -58,10 +58,6 @@ SPLIT_SEED = 20261123  # the train/val split does not move with --seed: runs com
 TIMERS = ("data", "features", "forward_loss", "backward", "optimizer")
 
 
-class RunStopped(Exception):
-    """Raised inside the loop to unwind after a stop request; carries nothing."""
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -395,7 +391,6 @@ class Trainer:
         return finite, values, grad_norm
 
     def run(self) -> dict:
-        cfg = self.cfg
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", tensorboard_dir=self.run_dir / "tensorboard")
         status = "completed"
         error: Optional[BaseException] = None
