@@ -18,7 +18,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from pyfast.cache import _io, format as fmt
+from pyfast import _io
+from pyfast.cache import format as fmt
 from pyfast.ops._checks import check_choice
 from pyfast.ops.pack import PACK_DTYPES, pack_buffers
 

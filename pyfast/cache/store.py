@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import xxhash
 
-from pyfast.cache import _io
+from pyfast import _io
 from pyfast.cache.format import PackedFormatError
 from pyfast.cache.keys import entry_name
 from pyfast.cache.packed import NONFINITE_POLICIES, OVERFLOW_POLICIES, Packed, pack, packed_from_bytes

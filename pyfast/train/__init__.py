@@ -3,7 +3,6 @@
 from pyfast.train.checkpoint import (
     CheckpointError,
     LoadReport,
-    atomic_write_bytes,
     load_checkpoint,
     load_state_dict_checked,
     save_checkpoint,
@@ -22,7 +21,6 @@ __all__ = [
     "Trainer",
     "TrainConfig",
     "TrainingDiverged",
-    "atomic_write_bytes",
     "build_config",
     "format_table",
     "load_checkpoint",

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
+
+from pyfast import _io
 
 _PREFIXES = ("module.", "_orig_mod.")
 
@@ -25,45 +26,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write `data` to `path` atomically: temp file + fsync + os.replace + fsync of the folder."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(folder)
-
-
 def save_checkpoint(path, payload: dict, *, serialize: Callable[[dict, io.BytesIO], None] | None = None) -> None:
     """Serialize `payload` with torch.save and write it atomically to `path`."""
     buffer = io.BytesIO()
     (serialize or torch.save)(payload, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _io.atomic_write(path, [buffer.getbuffer()], sync_folder=True)
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:

@@ -9,6 +9,8 @@ from typing import Any, Optional
 
 import yaml
 
+from pyfast._io import atomic_write_text
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BOX_LOSS_MODES = ("iou", "giou", "diou", "ciou")
 
@@ -155,5 +157,4 @@ def build_config(*layers: dict) -> TrainConfig:
 
 
 def save_config(config: TrainConfig, path) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(config.as_dict(), handle, sort_keys=False)
+    atomic_write_text(path, yaml.safe_dump(config.as_dict(), sort_keys=False))

@@ -7,6 +7,8 @@ import math
 import os
 from pathlib import Path
 
+from pyfast._io import atomic_write_text
+
 
 def _clean(value):
     if isinstance(value, float) and not math.isfinite(value):
@@ -39,11 +41,7 @@ def truncate_after(path, step: int) -> None:
     if not path.exists():
         return
     kept = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= step]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for record in kept:
-            handle.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 class MetricsLog:

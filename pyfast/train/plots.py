@@ -6,7 +6,10 @@ registered globally, so nothing accumulates however many runs one process makes.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+from pyfast._io import atomic_write
 
 from pyfast.train.metrics import read_jsonl
 
@@ -18,6 +21,13 @@ def _figure():
     fig = Figure(figsize=(7, 4), dpi=100)
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot(1, 1, 1)
+
+
+def _save(fig, path: Path) -> None:
+    """PNG bytes rendered in memory, then one atomic write: no half-drawn file after a crash."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    atomic_write(path, [buffer.getbuffer()], fsync=False)
 
 
 def _number(value):
@@ -40,14 +50,14 @@ def write_plots(run_dir) -> list[Path]:
         ax.set(xlabel="optimizer step", ylabel="loss", title="training loss")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "loss.png")
+        _save(fig, out / "loss.png")
         written.append(out / "loss.png")
 
         fig, ax = _figure()
         ax.plot(steps, [_number(r.get("lr")) for r in train])
         ax.set(xlabel="optimizer step", ylabel="learning rate", title="learning rate")
         fig.tight_layout()
-        fig.savefig(out / "lr.png")
+        _save(fig, out / "lr.png")
         written.append(out / "lr.png")
 
     if train or val:
@@ -63,6 +73,6 @@ def write_plots(run_dir) -> list[Path]:
         ax.set(xlabel="optimizer step", ylabel="IoU with ground truth", title="IoU before / after refinement")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "iou.png")
+        _save(fig, out / "iou.png")
         written.append(out / "iou.png")
     return written

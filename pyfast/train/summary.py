@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-from pyfast.train.checkpoint import atomic_write_bytes
+from pyfast._io import atomic_write_text
 
 
 def write_summary(path, summary: dict) -> None:
-    atomic_write_bytes(path, (json.dumps(summary, indent=2) + "\n").encode())
+    atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
 
 
 def _fmt(value, spec: str = ".3f") -> str:

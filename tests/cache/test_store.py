@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pyfast.cache import CacheStats, FeatureCache
-from pyfast.cache._io import remove_stale_temporaries
+from pyfast._io import remove_stale_temporaries
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

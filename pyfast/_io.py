@@ -37,8 +37,27 @@ def _write_all(fd: int, parts) -> int:
     return total
 
 
-def atomic_write(path: str, parts, *, fsync: bool = True) -> int:
-    """Writes the concatenation of `parts` (bytes-like objects) to `path` atomically; returns its size."""
+def fsync_folder(folder: str) -> None:
+    """Makes a rename in `folder` durable (the new name survives a power cut, not just a crash)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # platforms without directory file descriptors
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, parts, *, fsync: bool = True, sync_folder: bool = False) -> int:
+    """Writes the concatenation of `parts` (bytes-like objects) to `path` atomically; returns its size.
+
+    fsync: flush the data before the rename. sync_folder: also fsync the folder after it (what a
+    checkpoint wants; a cache entry, which can always be recomputed, does not need it).
+    """
+    path = os.fspath(path)
     tmp = temporary_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
@@ -55,7 +74,14 @@ def atomic_write(path: str, parts, *, fsync: bool = True) -> int:
         except FileNotFoundError:
             pass
         raise
+    if sync_folder:
+        fsync_folder(os.path.dirname(os.path.abspath(path)))
     return size
+
+
+def atomic_write_text(path, text: str, *, sync_folder: bool = False) -> int:
+    """atomic_write of a UTF-8 text file (configs, summaries, logs rewritten on resume)."""
+    return atomic_write(path, [text.encode("utf-8")], sync_folder=sync_folder)
 
 
 def read_all(path: str, out) -> int:
