@@ -50,7 +50,7 @@ def test_required_missing_source_is_a_one_line_error_with_exit_code_2(tmp_path, 
 def test_console_entry_point_exit_code_and_no_traceback(tmp_path):
     missing = tmp_path / "gone"
     result = subprocess.run([sys.executable, "-m", "pyfast.cli.doctor", "data", "--data", f"npz:{missing}"],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"pyfast-doctor: error: npz source path '{missing}' does not exist "

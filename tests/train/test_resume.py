@@ -28,7 +28,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_args, tiny_yaml)
 def test_sigterm_leaves_a_resumable_run(tmp_path, tiny_args, tiny_yaml):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "pyfast.cli.train"] + tiny_args + ["--config", tiny_yaml, "--epochs", "400", "--out", str(run)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # cwd away from the checkout: `-m` puts the cwd first on sys.path, and the source tree's pyfast/
+    # has no built kernels.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         deadline = time.time() + 120
         while len(read_jsonl(run / "metrics.jsonl")) < 3:
