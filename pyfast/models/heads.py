@@ -15,6 +15,15 @@ def _groups(channels: int) -> int:
     return 1
 
 
+def _conv_gn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
+    """3x3 conv, GroupNorm, ReLU: the layers both heads are built from."""
+    return [
+        nn.Conv2d(in_channels, out_channels, 3, padding=1),
+        nn.GroupNorm(_groups(out_channels), out_channels),
+        nn.ReLU(inplace=True),
+    ]
+
+
 class BoxHead(nn.Module):
     """(N, C, R, R) window features → per-edge offsets (N, 4) and, optionally, an IoU logit (N,).
 
@@ -33,12 +42,8 @@ class BoxHead(nn.Module):
     ):
         super().__init__()
         self.trunk = nn.Sequential(
-            nn.Conv2d(in_channels, hidden, 3, padding=1),
-            nn.GroupNorm(_groups(hidden), hidden),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, hidden, 3, padding=1),
-            nn.GroupNorm(_groups(hidden), hidden),
-            nn.ReLU(inplace=True),
+            *_conv_gn_relu(in_channels, hidden),
+            *_conv_gn_relu(hidden, hidden),
         )
         self.edges = nn.Conv2d(hidden, 4, 3, padding=1)
         nn.init.zeros_(self.edges.weight)
@@ -73,12 +78,8 @@ class MaskHead(nn.Module):
     def __init__(self, in_channels: int, hidden: int = 64):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, hidden, 3, padding=1),
-            nn.GroupNorm(_groups(hidden), hidden),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, hidden, 3, padding=1),
-            nn.GroupNorm(_groups(hidden), hidden),
-            nn.ReLU(inplace=True),
+            *_conv_gn_relu(in_channels, hidden),
+            *_conv_gn_relu(hidden, hidden),
             nn.ConvTranspose2d(hidden, hidden, 2, stride=2),
             nn.ReLU(inplace=True),
             nn.Conv2d(hidden, 1, 1),
