@@ -39,6 +39,7 @@ from pyfast.data import (
     RobustDataset,
     SkipTracker,
     build_sources,
+    coco_box_ap,
     collate,
     parse_data_spec,
 )
@@ -298,9 +299,15 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict:
-        """Mean IoU of input and refined boxes and mask IoU over the validation set (running sums)."""
+        """Mean IoU of input and refined boxes, mask IoU (running sums) and COCO box AP over the validation set.
+
+        AP needs every box of the set at once: it keeps small per-image numpy arrays (never tensors
+        with graphs or devices), bounded by the validation set, and scores every box 1 so that AP
+        measures localization alone, for the input and the refined boxes alike.
+        """
         self.model.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        boxes_per_image: dict[str, list[np.ndarray]] = {"gt": [], "input": [], "refined": []}
         bs = self.cfg.batch_size
         idx = list(range(len(self.val_set)))
         loader = self._loader(self.val_set, [idx[i : i + bs] for i in range(0, len(idx), bs)])
@@ -323,10 +330,18 @@ class Trainer:
                     torch.tensor(float(len(boxes)), device=self.device),
                 ]
             ).double()
+            splits = np.cumsum(torch.bincount(index, minlength=len(batch)).tolist())[:-1]
+            for name, value in (("gt", gt), ("input", boxes), ("refined", out.refined)):
+                boxes_per_image[name].extend(np.split(value.detach().float().cpu().numpy(), splits))
         self.model.train()
         iou_in, iou_ref, mask_iou, count = sums.tolist()
         count = max(count, 1.0)
-        return {"val_iou_input": iou_in / count, "val_iou_refined": iou_ref / count, "val_mask_iou": mask_iou / count}
+        result = {"val_iou_input": iou_in / count, "val_iou_refined": iou_ref / count, "val_mask_iou": mask_iou / count}
+        if boxes_per_image["gt"]:
+            gt = boxes_per_image["gt"]
+            result["val_ap_input"] = coco_box_ap(gt, boxes_per_image["input"])["AP"]
+            result["val_ap_refined"] = coco_box_ap(gt, boxes_per_image["refined"])["AP"]
+        return result
 
     def _validate_and_checkpoint(self, metrics: MetricsLog) -> None:
         result = self.validate()
@@ -528,6 +543,8 @@ class Trainer:
             "val_iou_input": self.last_val.get("val_iou_input"),
             "val_iou_refined": self.last_val.get("val_iou_refined"),
             "val_mask_iou": self.last_val.get("val_mask_iou"),
+            "val_ap_input": self.last_val.get("val_ap_input"),
+            "val_ap_refined": self.last_val.get("val_ap_refined"),
             "best_val_iou_refined": self.best if self.best >= 0 else None,
             "nonfinite_steps": self.guard.total,
             "scaler_skipped_steps": self.scaler_skips,

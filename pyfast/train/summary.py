@@ -30,6 +30,7 @@ def format_table(summary: dict) -> str:
         ("val IoU input boxes", _fmt(summary.get("val_iou_input"))),
         ("val IoU refined boxes", _fmt(summary.get("val_iou_refined"))),
         ("val mask IoU", _fmt(summary.get("val_mask_iou"))),
+        ("val box AP input / refined", f"{_fmt(summary.get('val_ap_input'))} / {_fmt(summary.get('val_ap_refined'))}"),
         ("skipped samples", summary.get("skipped_samples")),
         ("non-finite steps", summary.get("nonfinite_steps")),
         ("wall time", f"{_fmt(summary.get('wall_s'), '.1f')} s"),

@@ -7,7 +7,7 @@ from pyfast.train.metrics import read_jsonl
 
 SUMMARY_KEYS = {
     "steps", "epochs", "device", "s_per_batch_cold", "s_per_batch_warm", "cache_hit_rate", "val_iou_input",
-    "val_iou_refined", "val_mask_iou", "nonfinite_steps", "skipped_samples",
+    "val_iou_refined", "val_mask_iou", "val_ap_input", "val_ap_refined", "nonfinite_steps", "skipped_samples",
 }
 
 
@@ -24,6 +24,8 @@ def test_tiny_run_end_to_end(tmp_path, tiny_args, tiny_yaml, capsys):
     assert summary["cache_hit_rate"] == 1.0  # the second epoch (and its validation) reads only the cache
     assert summary["nonfinite_steps"] == 0 and summary["skipped_samples"] == 0
     assert 0.0 < summary["val_iou_input"] <= 1.0
+    assert 0.0 <= summary["val_ap_input"] <= 1.0 and 0.0 <= summary["val_ap_refined"] <= 1.0
+    assert "val box AP input / refined" in table
 
     records = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 11))
