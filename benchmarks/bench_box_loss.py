@@ -1,6 +1,6 @@
 """Fused box loss vs the eager reference vs torch.compile(reference): forward, backward, full.
 
-Targets (DESIGN/issue): CPU float32 giou fwd+bwd: >= 10x eager and >= 2x compile at N=1M,
+Targets: CPU float32 giou fwd+bwd: >= 10x eager and >= 2x compile at N=1M,
 >= 3x eager at N=4096. GPU: >= 80% of copy bandwidth at N >= 4M, ahead of compile, 10x eager at 4096.
 """
 

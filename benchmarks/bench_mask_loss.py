@@ -20,7 +20,7 @@ from conftest import measure, saved_tensor_bytes
 SHAPES = [(64, 256, 256), (16, 1024, 1024)]
 IMPLS = ["fused", "eager", "compile"]
 PHASES = ["forward", "backward", "full"]
-TERMS = dict(bce_weight=1.0, dice_weight=1.0)  # bce + dice, the benchmark case
+TERMS = dict(bce_weight=1.0, dice_weight=1.0)  # bce + dice: the usual SAM-style mask loss
 
 
 @functools.lru_cache(maxsize=None)
