@@ -2,7 +2,9 @@
 
 Freshly computed features are rounded through float16, the dtype the cache stores, before use:
 a cold epoch (backbone) and a warm epoch (cache) feed the heads bit-identical features, so a run
-is reproducible whether or not its cache was warm.
+is reproducible whether or not its cache was warm. The rounding is `pyfast.pack`, the cache's own
+cast, so features beyond float16's range or non-finite raise a clear error, with or without a
+cache, instead of reaching the heads as inf.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import contextlib
 import torch
 from torch import nn
 
-from pyfast.cache import FeatureCache, make_fingerprint
+from pyfast.cache import FeatureCache, make_fingerprint, pack
 
 STORE_DTYPE = torch.float16
 
@@ -42,7 +44,7 @@ class FeatureProvider:
     def _compute(self, images: torch.Tensor) -> torch.Tensor:
         with self.autocast():
             out = self.backbone(images.to(self.device, non_blocking=True))
-        return out.to(STORE_DTYPE)
+        return pack({"features": out}, dtype=STORE_DTYPE).unpack()["features"]
 
     def __call__(self, batch) -> torch.Tensor:
         keys = batch.keys

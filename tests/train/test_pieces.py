@@ -1,5 +1,9 @@
+from types import SimpleNamespace
+
+import pytest
 import torch
 
+from pyfast.train.features import FeatureProvider
 from pyfast.train.jitter import VAL_EPOCH, jitter_boxes
 from pyfast.train.loop import lr_lambda
 
@@ -21,3 +25,12 @@ def test_schedule_warms_up_then_decays():
     f = lr_lambda(4, 20)
     assert f(0) == 0.25 and f(3) == 1.0
     assert f(10) < 1.0 and abs(f(20) - 0.05) < 1e-9
+
+
+def test_features_beyond_float16_range_raise_instead_of_becoming_inf():
+    provider = FeatureProvider(lambda images: images * 1e6, None, torch.device("cpu"))
+    batch = SimpleNamespace(images=torch.ones(2, 3, 4, 4), keys=["a", "b"])
+    with pytest.raises(OverflowError, match="'features'"):
+        provider(batch)
+    in_range = FeatureProvider(lambda images: images * 3.1, None, torch.device("cpu"))
+    assert torch.equal(in_range(batch), (batch.images * 3.1).half().float())
