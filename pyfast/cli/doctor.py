@@ -1,7 +1,7 @@
 """`pyfast-doctor`: checks that find problems before a training run does.
 
 `pyfast-doctor data --data SPEC [...]` loads and validates every sample of the sources without
-training and reports what would be skipped, and why.
+training and reports what would be skipped, and why, then what trains but looks wrong (findings).
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pyfast.data import (
+    FindingsReport,
     MissingSourceError,
     RobustDataset,
     SkippedSample,
@@ -25,6 +26,7 @@ from pyfast.data import (
     build_sources,
     data_specs_from_args,
 )
+from pyfast.data.inspection import InspectingDataset, ScanTally, collect_verdicts
 from pyfast.data.skip import exceeds_bound
 
 EXIT_OK, EXIT_TOO_MANY_BAD, EXIT_USAGE = 0, 1, 2
@@ -32,18 +34,12 @@ _EXAMPLES_PER_REASON = 3
 _SCAN_BATCH = 32
 
 
-def _scan_batch(items) -> Tuple[int, List[SkippedSample]]:
-    # Only the verdicts travel back from the workers, not the decoded images.
-    skipped = [item for item in items if isinstance(item, SkippedSample)]
-    return len(items) - len(skipped), skipped
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyfast-doctor", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     data = commands.add_parser("data", help="scan every sample of the data sources without training")
     add_data_arguments(data)
-    data.add_argument("--out", type=Path, default=None, metavar="DIR", help="write DIR/skipped.jsonl")
+    data.add_argument("--out", type=Path, default=None, metavar="DIR", help="write DIR/skipped.jsonl and DIR/findings.jsonl")
     data.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader workers for the scan (default 0)")
     return parser
 
@@ -82,33 +78,34 @@ def run_data(args: argparse.Namespace) -> int:
         print("no samples to scan: every source is empty or missing", file=sys.stderr)
         return EXIT_TOO_MANY_BAD
 
-    log_path = None
+    log_path = findings_path = None
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        log_path = args.out / "skipped.jsonl"
+        log_path, findings_path = args.out / "skipped.jsonl", args.out / "findings.jsonl"
         log_path.write_text("")  # a fresh scan, not an append to an older one
     # The doctor reports every bad sample instead of stopping at the bound: max_fraction=1.
     tracker = SkipTracker(total, max_fraction=1.0, log_path=log_path)
-    loader = DataLoader(dataset, batch_size=_SCAN_BATCH, num_workers=args.workers, collate_fn=_scan_batch)
+    tally = ScanTally(sources, FindingsReport(log_path=findings_path))
+    # Workers inspect the samples; only verdicts travel back, not the decoded images.
+    loader = DataLoader(InspectingDataset(dataset), batch_size=_SCAN_BATCH, num_workers=args.workers,
+                        collate_fn=collect_verdicts)
 
     started = time.perf_counter()
-    ok = 0
-    skipped: List[SkippedSample] = []
     with tqdm(total=total, unit="sample", disable=not sys.stderr.isatty(), file=sys.stderr) as progress:
-        for good, bad in loader:
-            ok += good
-            skipped.extend(bad)
-            tracker.record(bad)
-            progress.update(good + len(bad))
+        for verdicts in loader:
+            tracker.record(tally.add(verdicts))
+            progress.update(len(verdicts))
     elapsed = time.perf_counter() - started
+    ok, skipped = tally.ok, tally.skipped
 
     print(f"scanned {total:,} samples in {elapsed:.1f} s ({total / max(elapsed, 1e-9):,.0f} samples/s)")
     print(f"ok: {ok:,}")
     print(f"skipped: {tracker.count:,} ({tracker.fraction:.2%} of the samples, allowed {args.max_skip_fraction:.2%})")
     if skipped:
         print(format_skip_report(skipped))
+    print(tally.findings.format())
     if log_path is not None:
-        print(f"skipped samples written to {log_path}")
+        print(f"skipped samples written to {log_path}, findings to {findings_path}")
     if exceeds_bound(tracker.count, total, args.max_skip_fraction):
         print(
             f"FAIL: {tracker.fraction:.2%} of the samples are bad, more than --max-skip-fraction "

@@ -1,18 +1,22 @@
-"""Data sources (synthetic, npz, coco), the robust dataset over them, and skip bookkeeping.
+"""Data sources (synthetic, npz, coco), the robust dataset over them, skip bookkeeping and inspection.
 
 A bad sample never crashes an epoch: `Source.load` raises BadSample, `RobustDataset` turns it into a
 SkippedSample record, `collate` sets it aside and `SkipTracker` counts it once, logs it to
-`skipped.jsonl`, and aborts the run once too large a fraction of the data is bad.
+`skipped.jsonl`, and aborts the run once too large a fraction of the data is bad. Data that loads
+but looks wrong, and COCO entries left out, are Findings (`findings.py`, `inspection.py`), reported
+at start-up and by `pyfast-doctor data`.
 """
 
 from .builder import MissingSourceError, SourceList, SourceStatus, build_sources, format_source_table, open_source
 from .coco import CocoSource
 from .coco_eval import coco_box_ap
 from .dataset import Batch, RobustDataset, collate
+from .findings import Finding, FindingsReport
+from .inspection import inspect_sample
 from .npz import NpzSource
 from .sample import BadSample, Sample, SkippedSample
 from .skip import SkipTracker, TooManyBadSamples
-from .source import Source
+from .source import Source, SourcePathError
 from .spec import (
     DEFAULT_DATA_SPEC,
     DEFAULT_MAX_SKIP_FRACTION,
@@ -30,6 +34,8 @@ __all__ = [
     "CocoSource",
     "DEFAULT_DATA_SPEC",
     "DEFAULT_MAX_SKIP_FRACTION",
+    "Finding",
+    "FindingsReport",
     "GENERATOR_VERSION",
     "Letterbox",
     "LetterboxedSample",
@@ -41,6 +47,7 @@ __all__ = [
     "SkippedSample",
     "Source",
     "SourceList",
+    "SourcePathError",
     "SourceSpec",
     "SourceStatus",
     "SyntheticSource",
@@ -51,6 +58,7 @@ __all__ = [
     "collate",
     "data_specs_from_args",
     "format_source_table",
+    "inspect_sample",
     "letterbox",
     "open_source",
     "parse_data_spec",

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from .coco import CocoSource
+from .findings import summarize
 from .npz import NpzSource
 from .source import Source
 from .spec import SourceSpec
@@ -70,7 +71,8 @@ def _missing_path(spec: SourceSpec) -> Optional[str]:
 
 
 def open_source(spec: SourceSpec, *, name: Optional[str] = None) -> Source:
-    """Open one source; a missing path raises MissingSourceError (whatever `optional` says)."""
+    """Open one source; a missing path raises MissingSourceError (whatever `optional` says), a path
+    of the wrong kind (a file for npz, a folder for a COCO annotation file) SourcePathError."""
     missing = _missing_path(spec)
     if missing is not None:
         raise MissingSourceError(spec, missing)
@@ -91,8 +93,9 @@ def open_source(spec: SourceSpec, *, name: Optional[str] = None) -> Source:
 
 def build_sources(specs: Sequence[SourceSpec], *, log: Callable[[str], None] = print) -> SourceList:
     """Open every source. An optional missing one is logged (by name) and skipped; a required missing
-    one raises MissingSourceError. Logs the start-up table and returns the sources (a list) with
-    `.table` and `.statuses` for callers that print it themselves."""
+    one raises MissingSourceError. Logs a warning line per source whose index found problems (COCO
+    annotations dropped, duplicate entries), then the start-up table, and returns the sources (a
+    list) with `.table` and `.statuses` for callers that print it themselves."""
     sources: List[Source] = []
     statuses: List[SourceStatus] = []
     used_names = set()
@@ -113,6 +116,9 @@ def build_sources(specs: Sequence[SourceSpec], *, log: Callable[[str], None] = p
         used_names.add(name)
         if len(source) == 0:
             log(f"warning: {name} has no samples")
+        findings = source.index_findings()
+        if findings:
+            log(f"warning: {name}: {summarize(findings)} (pyfast-doctor data lists them)")
         sources.append(source)
         statuses.append(SourceStatus(name, len(source)))
     result = SourceList(sources, statuses)

@@ -11,11 +11,12 @@ import numpy as np
 from .keys import content_key
 from .packed import PackedStrings
 from .sample import BadSample, Sample
-from .source import Source, limit_count
+from .source import Source, SourcePathError, limit_count
 from .validate import (
     CATEGORY_MISSING_KEY,
     CATEGORY_PAIRED,
     CATEGORY_UNREADABLE,
+    check_box_range,
     check_boxes,
     check_image,
     check_masks,
@@ -68,6 +69,7 @@ def _read_arrays(data: bytes) -> Mapping[str, np.ndarray]:
 def _check_frame(arrays: Mapping[str, np.ndarray], suffix: str):
     image = check_image(arrays["image" + suffix], "image" + suffix)
     boxes = check_boxes(arrays["boxes" + suffix], "boxes" + suffix)
+    check_box_range(boxes, image.shape[0], image.shape[1], "boxes" + suffix)
     masks = check_masks(arrays["masks" + suffix], boxes.shape[0], image.shape[0], image.shape[1], "masks" + suffix)
     return image, boxes, masks
 
@@ -107,7 +109,7 @@ class NpzSource(Source):
         if not root.exists():
             raise FileNotFoundError(f"npz source folder {str(root)!r} does not exist")
         if not root.is_dir():
-            raise NotADirectoryError(f"npz source {str(root)!r} is not a folder")
+            raise SourcePathError(f"npz source path {str(root)!r} is not a folder; npz:PATH takes a folder of .npz files")
         super().__init__(name or f"npz ({root})")
         self.root = root
         relative = sorted(path.relative_to(root).as_posix() for path in root.rglob("*.npz") if path.is_file())

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import abc
+from typing import List, Optional
 
+import numpy as np
+
+from .findings import Finding
 from .sample import Sample
+
+
+class SourcePathError(ValueError):
+    """A source's path exists but is the wrong kind of thing: a file where a folder of samples is
+    expected, or a folder where an annotation file is expected. A ValueError, so every command line
+    reports it as one line; `optional=1` does not skip it (the path is there, just wrong)."""
 
 
 class Source(abc.ABC):
@@ -29,6 +39,16 @@ class Source(abc.ABC):
     @abc.abstractmethod
     def describe(self, index: int) -> str:
         """The sample's file relative to the source root (or e.g. `synthetic[i]`)."""
+
+    def annotation_ids(self, index: int) -> Optional[np.ndarray]:
+        """The ids its annotation file gives the sample's objects, in `boxes` order, for reports that
+        point into that file; None for sources without such ids (npz, synthetic)."""
+        return None
+
+    def index_findings(self) -> List[Finding]:
+        """What indexing found wrong without loading any sample (annotations dropped, duplicate
+        entries): reported at start-up and by `pyfast-doctor data`. Empty for most sources."""
+        return []
 
     def _check_index(self, index: int) -> int:
         # An out-of-range index is a caller bug, not a bad sample: IndexError, never BadSample.

@@ -18,6 +18,14 @@ CATEGORY_INVERTED_BOXES = "inverted boxes"
 CATEGORY_BAD_MASKS = "bad masks"
 CATEGORY_PAIRED = "inconsistent paired fields"
 CATEGORY_BAD_ANNOTATION = "bad annotation"
+CATEGORY_BOX_RANGE = "boxes out of range"
+CATEGORY_UNSAFE_FILE_NAME = "file_name outside images="
+CATEGORY_CONFLICTING_ENTRIES = "conflicting image entries"
+
+# A box coordinate farther than this many image sizes outside the image is not a pixel coordinate
+# of it (1e30 is a unit or format mix-up, and overflows the losses): the sample is skipped. Closer,
+# the box is kept and the inspection reports it as a warning.
+MAX_BOX_IMAGE_SIZES = 4.0
 
 
 def check_image(image: object, field: str = "image") -> np.ndarray:
@@ -67,6 +75,27 @@ def check_boxes(boxes: object, field: str = "boxes") -> np.ndarray:
             category=CATEGORY_INVERTED_BOXES,
         )
     return np.ascontiguousarray(boxes)
+
+
+def format_box(box) -> str:
+    """`[2, 3, 1e+30, 15.5]`: a box's numbers short enough for a one-line message."""
+    return "[" + ", ".join(f"{float(value):.6g}" for value in box) + "]"
+
+
+def check_box_range(boxes: np.ndarray, height: int, width: int, field: str = "boxes") -> np.ndarray:
+    """Finite (K, 4) xyxy boxes with every coordinate at most MAX_BOX_IMAGE_SIZES image sizes outside
+    the (height, width) image; anything farther raises BadSample naming the first such box."""
+    size = np.array([width, height, width, height], dtype=np.float64)
+    coords = boxes.astype(np.float64, copy=False)
+    far = ((coords < -MAX_BOX_IMAGE_SIZES * size) | (coords > (1.0 + MAX_BOX_IMAGE_SIZES) * size)).any(axis=1)
+    if far.any():
+        first = int(np.flatnonzero(far)[0])
+        raise BadSample(
+            f"{field} has {int(far.sum())} box(es) more than {MAX_BOX_IMAGE_SIZES:g} image sizes outside the "
+            f"{height}x{width} (HxW) image, first: box {first} {format_box(boxes[first])}",
+            category=CATEGORY_BOX_RANGE,
+        )
+    return boxes
 
 
 def check_masks(masks: object, count: int, height: int, width: int, field: str = "masks") -> np.ndarray:

@@ -199,3 +199,104 @@ def load_all(source):
         except BadSample as error:
             bad[source.describe(i)] = error
     return good, bad
+
+
+# Planted data that loads but looks wrong: file -> {(finding kind, object index)}.
+NPZ_FINDINGS = {
+    "partly_outside.npz": {("box partly outside the image", 1)},
+    "outside.npz": {("box outside the image", 0)},
+    "zero_area.npz": {("zero-area box", 1)},
+    "empty_mask.npz": {("empty mask", 0)},
+    "mismatch.npz": {("mask disagrees with its box", 1)},
+    "sub/copy_of_clean.npz": {("duplicate sample", None)},
+}
+# Planted errors among them: file -> expected skip category.
+NPZ_FINDINGS_BAD = {"absurd.npz": "boxes out of range", "absurd_prompt.npz": "boxes out of range"}
+
+
+def make_npz_findings_set(root: Path, seed: int = 0) -> Path:
+    """A clean sample, one sample per kind of per-object warning (NPZ_FINDINGS), boxes at 1e30 in a
+    single and in a paired sample (NPZ_FINDINGS_BAD)."""
+    rng = np.random.default_rng(seed)
+    H, W = 24, 32
+
+    def boxed(*boxes):
+        image = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        masks = np.zeros((len(boxes), H, W), dtype=bool)
+        for k, (x0, y0, x1, y1) in enumerate(np.clip(boxes, -1e6, 1e6).astype(int)):
+            masks[k, max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = True
+        return {"image": image, "boxes": boxes, "masks": masks}
+
+    clean = boxed((2, 3, 12, 15), (14, 2, 30, 20))
+    write_npz(root / "clean.npz", **clean)
+    write_npz(root / "sub/copy_of_clean.npz", **clean)
+    write_npz(root / "partly_outside.npz", **boxed((2, 3, 12, 15), (20, 4, 37, 20)))  # 5 px past W = 32
+    write_npz(root / "outside.npz", **boxed((40, 2, 50, 10), (2, 2, 10, 10)))
+    write_npz(root / "zero_area.npz", **boxed((2, 3, 12, 15), (5, 5, 5, 12)))
+    f = boxed((2, 3, 12, 15)); f["masks"][:] = False
+    write_npz(root / "empty_mask.npz", **f)
+    f = boxed((2, 3, 12, 15), (14, 2, 30, 20)); f["masks"][1] = False; f["masks"][1, 0:4, 0:4] = True
+    write_npz(root / "mismatch.npz", **f)
+    write_npz(root / "absurd.npz", **boxed((2, 3, 12, 15), (2, 3, 1e30, 1e30)))
+    f, g = boxed((2, 3, 12, 15)), boxed((3, 4, 13, 16))
+    write_npz(root / "absurd_prompt.npz", image=f["image"], boxes=np.array([[2, 3, 1e30, 15]], np.float32),
+              masks=f["masks"], image2=g["image"], boxes2=g["boxes"], masks2=g["masks"])
+    return root
+
+
+def make_coco_findings_set(root: Path, seed: int = 0) -> Tuple[Path, Path]:
+    """A COCO file with planted entry problems (see the tests that use it): unknown image and
+    category, no category_id, duplicate and conflicting image entries, a file under two ids,
+    unsafe file_names (with a real image behind the `..` one), missing and short bboxes, polygons of
+    2 points alone and beside a good part, and a box at 1e30."""
+    rng = np.random.default_rng(seed)
+    images_dir = root / "images"
+    images_dir.mkdir(parents=True)
+    H, W = 40, 60
+    images, annotations = [], []
+
+    def write_image(path):
+        Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).save(path)
+
+    def add_image(image_id, file_name, write=True):
+        images.append({"id": image_id, "file_name": file_name, "height": H, "width": W})
+        if write:
+            write_image(images_dir / file_name)
+
+    def add_annotation(annotation_id, image_id, **fields):
+        entry = {"id": annotation_id, "image_id": image_id, "category_id": 1,
+                 "segmentation": [_polygon(2, 3, 20, 15)], "bbox": [2, 3, 18, 12], "iscrowd": 0, "area": 216.0}
+        entry.update(fields)
+        annotations.append({key: value for key, value in entry.items() if value is not None})
+
+    add_image(1, "kept.png")
+    add_annotation(101, 1)
+    add_annotation(102, 1, category_id=None)  # dropped: no category_id
+    add_annotation(103, 1, category_id=7)  # dropped: unknown category
+    add_annotation(105, 99)  # dropped: unknown image
+    add_image(2, "degenerate_part.png")
+    add_annotation(201, 2, segmentation=[[30, 5, 50, 5, 40, 25], [1.0, 2.0, 3.0, 4.0]], bbox=[30, 5, 20, 20])
+    add_image(3, "dup_entry.png")
+    images.append(dict(images[-1]))  # the same entry again: a warning
+    add_image(4, "conflict_a.png")
+    add_image(4, "conflict_b.png")  # same id, another file: skipped
+    add_image(5, "kept.png", write=False)  # the file of image 1 again: a warning
+    add_image(6, "/etc/hostname", write=False)
+    add_image(7, "../outside.png", write=False)
+    write_image(root / "outside.png")  # exists, and must never be read through images=
+    add_image(8, "no_bbox.png")
+    add_annotation(801, 8, bbox=None)
+    add_image(9, "short_bbox.png")
+    add_annotation(901, 9, bbox=[2, 3, 18])
+    add_image(10, "polygon_4.png")
+    add_annotation(1001, 10, segmentation=[[1.0, 2.0, 3.0, 4.0]])
+    add_image(11, "absurd.png")
+    add_annotation(1101, 11, bbox=[2, 3, 1e30, 12])
+    add_image(12, "odd_polygon.png")
+    add_annotation(1201, 12, segmentation=[[30, 5, 50, 5, 40, 25], [5, 5, 9]], bbox=[30, 5, 20, 20])
+
+    ann_file = root / "instances.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": annotations,
+                                    "categories": [{"id": 1, "name": "a"}]}))
+    return ann_file, images_dir

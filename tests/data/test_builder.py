@@ -59,3 +59,17 @@ def test_table_formatting():
     assert format_source_table([SourceStatus("synthetic", 512), SourceStatus("npz (/data/x)", 1204),
                                 SourceStatus("coco (/data/val.json)", None)]) == (
         "synthetic: 512 | npz (/data/x): 1,204 | coco (/data/val.json): missing, skipped")
+
+
+def test_index_findings_are_one_warning_line_before_the_table(tmp_path):
+    from .builders import make_coco_findings_set
+
+    ann_file, images_dir = make_coco_findings_set(tmp_path / "coco")
+    lines = []
+    build_sources(specs(f"coco:{ann_file},images={images_dir}", "synthetic:,num_samples=2"), log=lines.append)
+    assert lines == [
+        f"warning: coco ({ann_file}): 3 dropped (1 annotation of an unknown category, 1 annotation of an unknown "
+        "image, 1 annotation without category_id); 3 warnings (1 degenerate polygon part ignored, 1 duplicate image "
+        "entry, 1 file listed under several image ids) (pyfast-doctor data lists them)",
+        f"coco ({ann_file}): 12 | synthetic: 2",
+    ]

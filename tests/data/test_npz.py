@@ -3,7 +3,7 @@ import shutil
 import numpy as np
 import pytest
 
-from pyfast.data import NpzSource
+from pyfast.data import NpzSource, SourcePathError
 
 from .builders import NPZ_GOOD, load_all, make_frame, write_npz
 
@@ -102,3 +102,25 @@ def test_max_samples_and_file_list_storage(npz_set):
 def test_missing_root_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         NpzSource(tmp_path / "nope")
+
+
+def test_a_file_as_root_is_a_source_path_error_naming_it(tmp_path):
+    path = write_npz(tmp_path / "one.npz", image=np.zeros((4, 4, 3), np.uint8), boxes=np.zeros((0, 4)),
+                     masks=np.zeros((0, 4, 4), bool))
+    with pytest.raises(SourcePathError, match="'.*one.npz' is not a folder; npz:PATH takes a folder of .npz files"):
+        NpzSource(path)
+    with pytest.raises(ValueError):  # what every command line reports as one line
+        NpzSource(path)
+
+
+def test_boxes_at_absurd_scales_skip_the_sample(tmp_path):
+    rng = np.random.default_rng(0)
+    image, boxes, masks = make_frame(rng, 10, 12, 2)
+    for field, column, value in (("boxes", 2, 1e30), ("boxes", 0, -1e30), ("boxes2", 3, 1e30)):
+        corrupt = boxes.copy()
+        corrupt[1, column] = value
+        arrays = {"image": image, "boxes": boxes, "masks": masks, "image2": image, "boxes2": boxes, "masks2": masks}
+        arrays[field] = corrupt
+        write_npz(tmp_path / "s.npz", **arrays)
+        _, bad = load_all(NpzSource(tmp_path))
+        assert bad["s.npz"].category == "boxes out of range" and bad["s.npz"].reason.startswith(f"{field} has 1 box")
