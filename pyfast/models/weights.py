@@ -23,10 +23,12 @@ Where the state dict is
 
 Key prefixes
     `module.` (DDP), `_orig_mod.` (torch.compile), `model.` (Lightning) and the caller's `prefixes`
-    may lead the checkpoint's keys, in any chain. Each way of stripping a leading chain seen in the
-    file is scored by how many model keys it hits; the best one wins, a caller's prefix wins a tie,
-    and a strip that maps two checkpoint tensors onto one model key is never used. Two strips that
-    hit equally many model keys with different tensors are an error: the file is ambiguous.
+    may lead the checkpoint's keys, in any chain; and a checkpoint of an inner module lacks the
+    prefix all the model's keys share (`vision_encoder.` of SamVisionModel). Each way of stripping a
+    leading chain seen in the file, with or without putting the model's shared prefix in its place,
+    is scored by how many model keys it hits; the best one wins, a caller's prefix wins a tie, and a
+    way that maps two checkpoint tensors onto one model key is never used. Two ways that hit equally
+    many model keys with different tensors are an error: the file is ambiguous.
 
 What is refused (WeightsError, one line, naming the file)
     a shape mismatch (unless `strict_shapes=False`: then the mismatched tensors are skipped,
@@ -117,6 +119,7 @@ class LoadReport:
     config: object = None
     config_key: Optional[str] = None
     prefix: str = ""  # the leading chain stripped from the checkpoint's keys
+    added_prefix: str = ""  # the model's shared prefix put in its place (a checkpoint of the inner module)
     model_tensors: int = 0
     model_elements: int = 0
     loaded_elements: int = 0
@@ -152,6 +155,7 @@ class LoadReport:
         """One line: counts, then examples of what did not fit."""
         where = f" under {self.state_key!r}" if self.state_key else ""
         strip = f", prefix {self.prefix!r} stripped" if self.prefix else ""
+        strip += f", prefix {self.added_prefix!r} added" if self.added_prefix else ""
         parts = [
             f"{'loaded' if self.applied else 'matched (not loaded)'} {len(self.loaded) + len(self.tied)} of "
             f"{self.model_tensors} tensors "
@@ -173,7 +177,8 @@ class LoadReport:
             f"{self.model_tensors:,} tensors "
             f"({self.tensor_fraction:.1%}), {self.loaded_elements:,} / {self.model_elements:,} elements "
             f"({self.element_fraction:.1%})" + (f", {len(self.tied)} of them tied" if self.tied else ""),
-            f"prefix       {self.prefix!r} stripped" if self.prefix else "prefix       none stripped",
+            "prefix       " + (f"{self.prefix!r} stripped" if self.prefix else "none stripped")
+            + (f", {self.added_prefix!r} added" if self.added_prefix else ""),
             f"missing      {len(self.missing):,}" + (f": {_some(self.missing, limit)}" if self.missing else ""),
             f"unexpected   {len(self.unexpected):,}" + (f": {_some(self.unexpected, limit)}" if self.unexpected else ""),
             f"mismatched   {len(self.mismatched):,}"
@@ -191,6 +196,7 @@ class LoadReport:
             "applied": self.applied,
             "state_key": self.state_key,
             "prefix": self.prefix,
+            "added_prefix": self.added_prefix,
             "loaded": len(self.loaded) + len(self.tied),
             "model_tensors": self.model_tensors,
             "tensor_fraction": self.tensor_fraction,
@@ -511,38 +517,59 @@ def strip_prefixes(state: Mapping, prefixes: Iterable[str] = DEFAULT_PREFIXES) -
     return {key[len("".join(_leading_chain(key, prefixes))):]: value for key, value in state.items()}
 
 
-def _choose_strip(keys: list, model_keys: set, defaults: tuple, preferred: tuple, source: str) -> str:
-    """The leading chain whose removal maps the most checkpoint keys onto model keys (see the module doc)."""
+def _shared_prefixes(model_keys: Iterable[str]) -> list:
+    """The dotted prefixes every model key starts with: `vision_encoder.` for SamVisionModel, whose
+    encoder's own checkpoint lacks it."""
+    keys = list(model_keys)
+    parts = keys[0].split(".")[:-1] if keys else []
+    out = []
+    for i in range(len(parts)):
+        prefix = ".".join(parts[: i + 1]) + "."
+        if not all(k.startswith(prefix) for k in keys):
+            break
+        out.append(prefix)
+    return out
+
+
+def _retarget(key: str, strip: str, add: str) -> str:
+    return add + (key[len(strip):] if strip and key.startswith(strip) else key)
+
+
+def _choose_prefixes(keys: list, model_keys: set, defaults: tuple, preferred: tuple, source: str) -> tuple:
+    """(strip, add): the leading chain to remove from the checkpoint's keys and the model's shared
+    prefix to put in its place that map the most checkpoint keys onto model keys (see the module doc)."""
     candidates = defaults + tuple(p for p in preferred if p not in defaults)
     counts: Counter = Counter()
     for key in keys:
         chain = _leading_chain(key, candidates)
         for j in range(1, len(chain) + 1):
             counts["".join(chain[:j])] += 1
+    strips = [""] + [s for s, _ in counts.most_common(_MAX_STRATEGIES)]
     scored = []
-    for strip in [""] + [s for s, _ in counts.most_common(_MAX_STRATEGIES)]:
-        pairs = {}
-        for key in keys:
-            target = key[len(strip):] if strip and key.startswith(strip) else key
-            if target in model_keys:
-                if target in pairs:  # two checkpoint tensors onto one model key: never this strip
-                    break
-                pairs[target] = key
-        else:
-            uses_preferred = bool(strip) and any(p in preferred for p in _leading_chain(strip + "_", candidates))
-            scored.append((len(pairs), uses_preferred, strip, pairs))
-    best_hits = max(hits for hits, *_ in scored)
+    for strip in strips:
+        uses_preferred = bool(strip) and any(p in preferred for p in _leading_chain(strip + "_", candidates))
+        for add in [""] + _shared_prefixes(model_keys):
+            pairs = {}
+            for key in keys:
+                target = _retarget(key, strip, add)
+                if target in model_keys:
+                    if target in pairs:  # two checkpoint tensors onto one model key: never this way
+                        break
+                    pairs[target] = key
+            else:
+                scored.append((len(pairs), uses_preferred, strip, add, pairs))
+    best_hits = max(s[0] for s in scored)
     top = [s for s in scored if s[0] == best_hits]
     if any(s[1] for s in top):
         top = [s for s in top if s[1]]
-    top.sort(key=lambda s: len(s[2]))
+    top.sort(key=lambda s: len(s[2]) + len(s[3]))
     for other in top[1:]:
-        if best_hits and other[3] != top[0][3]:
+        if best_hits and other[4] != top[0][4]:
             raise WeightsError(
                 f"{source}: ambiguous keys: stripping {top[0][2]!r} or {other[2]!r} matches {best_hits} model "
                 f"tensors with different checkpoint tensors; choose with prefixes=({top[0][2]!r},) or state_key=..."
             )
-    return top[0][2]
+    return top[0][2], top[0][3]
 
 
 def _key_groups(keys: Iterable[str], limit: int = 3) -> str:
@@ -608,13 +635,14 @@ def apply_state_dict(
     own = {k: v for k, v in module.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
     report.model_tensors = len(own)
     report.model_elements = sum(v.numel() for v in own.values())
-    strip = _choose_strip(list(tensors), set(own), DEFAULT_PREFIXES, preferred, source) if tensors and own else ""
-    report.prefix = strip
+    strip, add = (_choose_prefixes(list(tensors), set(own), DEFAULT_PREFIXES, preferred, source)
+                  if tensors and own else ("", ""))
+    report.prefix, report.added_prefix = strip, add
 
     usable = {}
     claimed = set()
     for key, value in tensors.items():
-        target = key[len(strip):] if strip and key.startswith(strip) else key
+        target = _retarget(key, strip, add)
         if target not in own or target in claimed:
             report.unexpected.append(key)
         elif _shape(value) != _shape(own[target]):
