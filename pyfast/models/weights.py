@@ -613,21 +613,23 @@ def apply_state_dict(
     report = report or LoadReport(source=source)
     report.min_fraction = min_fraction
 
-    tensors = {}
+    tensors, origin = {}, {}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             report.ignored.append(str(key))
             continue
+        name = str(key)
         if rename is not None:
             try:
-                renamed = rename(key)
+                name = rename(name)
             except WeightsError as error:
                 raise WeightsError(f"{source}: {error}") from None
-            if renamed is None:
+            if name is None:
                 report.ignored.append(str(key))
                 continue
-            key = renamed
-        tensors[str(key)] = value
+        if name in tensors:
+            raise WeightsError(f"{source}: checkpoint keys {origin[name]!r} and {key!r} both name {name!r}")
+        tensors[name], origin[name] = value, key
     report.checkpoint_tensors = len(tensors)
     report.checkpoint_elements = sum(t.numel() for t in tensors.values())
     report.checkpoint_dtypes = dict(Counter(str(t.dtype).replace("torch.", "") for t in tensors.values()))
@@ -665,10 +667,11 @@ def apply_state_dict(
 
     if report.mismatched and strict_shapes:
         key, theirs, ours = report.mismatched[0]
+        rest = f"strict_shapes=False loads the other {len(usable)}" if usable else "no tensor fits"
         raise WeightsError(
             f"{source}: {len(report.mismatched)} of the model's {report.model_tensors} tensors have another shape "
             f"in the checkpoint (e.g. {key}: checkpoint {theirs} vs model {ours}): was it made with another "
-            f"config? strict_shapes=False loads the rest",
+            f"config? ({rest})",
             report,
         )
     if own and not usable:
@@ -681,7 +684,7 @@ def apply_state_dict(
     if report.matched_fraction < min_fraction:
         missing = f"; missing e.g. {_some(report.missing, 3)}" if report.missing else ""
         raise WeightsError(
-            f"{source}: checkpoint matches too little of the model: loaded {len(report.loaded) + len(report.tied)} "
+            f"{source}: checkpoint matches too little of the model: {len(report.loaded) + len(report.tied)} "
             f"of {report.model_tensors} tensors ({report.tensor_fraction:.1%}), {report.element_fraction:.1%} of the "
             f"elements; need {min_fraction:.0%} (min_fraction){missing}",
             report,
