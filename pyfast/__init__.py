@@ -11,20 +11,24 @@ from pyfast.cache import (
     make_fingerprint,
     pack,
 )
+from pyfast.models.weights import LoadReport, WeightsError, load_weights
 from pyfast.ops import box_iou, box_loss, mask_iou, mask_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FeatureCache",
+    "LoadReport",
     "Packed",
     "PackedFormatError",
+    "WeightsError",
     "__version__",
     "box_iou",
     "box_loss",
     "bytes_key",
     "file_key",
     "load_packed",
+    "load_weights",
     "make_fingerprint",
     "mask_iou",
     "mask_loss",

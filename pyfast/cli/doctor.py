@@ -2,6 +2,8 @@
 
 `pyfast-doctor data --data SPEC [...]` loads and validates every sample of the sources without
 training and reports what would be skipped, and why, then what trains but looks wrong (findings).
+`pyfast-doctor checkpoint PATH [--model SPEC]` describes a weights file or reports how it loads into
+a model (`pyfast.models.weights_doctor`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pyfast.data import (
 )
 from pyfast.data.inspection import InspectingDataset, ScanTally, collect_verdicts
 from pyfast.data.skip import exceeds_bound
+from pyfast.models.weights_doctor import add_checkpoint_command, run_checkpoint
 
 EXIT_OK, EXIT_TOO_MANY_BAD, EXIT_USAGE = 0, 1, 2
 _EXAMPLES_PER_REASON = 3
@@ -41,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(data)
     data.add_argument("--out", type=Path, default=None, metavar="DIR", help="write DIR/skipped.jsonl and DIR/findings.jsonl")
     data.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader workers for the scan (default 0)")
+    add_checkpoint_command(commands)
     return parser
 
 
@@ -120,6 +124,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "data":
         return run_data(args)
+    if args.command == "checkpoint":
+        return run_checkpoint(args)
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse restricts the choices
 
 

@@ -3,7 +3,9 @@
 `TinyBackbone` is the default: a small conv stack with seeded random weights (no download), enough
 to carry edges and shapes to the heads. Any other extractor plugs in through
 `load_backbone("module:callable")`: the callable builds an `nn.Module` mapping (B, 3, S, S) images in
-[0, 1] to a (B, C, h, w) feature map; its stride is found by probing.
+[0, 1] to a (B, C, h, w) feature map; its stride is found by probing. `load_backbone("hf:PATH")` loads
+a Hugging Face encoder (SAM, HQ-SAM, ViT, DINOv2/v3; `pyfast.models.hf`). `weights=PATH` loads a
+checkpoint into the backbone through `pyfast.load_weights`; its report is `backbone.weights_report`.
 """
 
 from __future__ import annotations
@@ -62,12 +64,17 @@ class TinyBackbone(nn.Module):
         return self.body((images - local_mean) * 8.0)
 
 
-def load_backbone(spec: str | None = None) -> nn.Module:
-    """Build the backbone named by `module:callable` (default: TinyBackbone), frozen and in eval mode."""
+def load_backbone(spec: str | None = None, *, weights=None, log=print, **weight_options) -> nn.Module:
+    """Build the backbone named by `module:callable` (default: TinyBackbone) or `hf:PATH[,options]`,
+    frozen and in eval mode; `weights`: a checkpoint to load into it (every tensor must load)."""
     spec = spec or DEFAULT_BACKBONE
+    if spec.startswith("hf:"):
+        from pyfast.models.hf import load_hf_backbone
+
+        return load_hf_backbone(spec, weights=weights, log=log, **weight_options)
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise BackboneError(f"--backbone must look like module:callable, got {spec!r}")
+        raise BackboneError(f"--backbone must look like module:callable or hf:PATH, got {spec!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -80,7 +87,12 @@ def load_backbone(spec: str | None = None) -> nn.Module:
     model = factory()
     if not isinstance(model, nn.Module):
         raise BackboneError(f"{spec} returned {type(model).__name__}, expected a torch.nn.Module")
-    return freeze(model)
+    model = freeze(model)
+    if weights is not None:
+        from pyfast.models.weights import load_weights
+
+        model.weights_report = load_weights(model, weights, log=log, **weight_options)
+    return model
 
 
 def freeze(model: nn.Module) -> nn.Module:
