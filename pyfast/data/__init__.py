@@ -7,7 +7,6 @@ SkippedSample record, `collate` sets it aside and `SkipTracker` counts it once, 
 
 from .builder import MissingSourceError, SourceList, SourceStatus, build_sources, format_source_table, open_source
 from .coco import CocoSource
-from .coco_eval import coco_box_ap
 from .dataset import Batch, RobustDataset, collate
 from .npz import NpzSource
 from .sample import BadSample, Sample, SkippedSample
@@ -47,7 +46,6 @@ __all__ = [
     "TooManyBadSamples",
     "add_data_arguments",
     "build_sources",
-    "coco_box_ap",
     "collate",
     "data_specs_from_args",
     "format_source_table",
