@@ -1,40 +1,10 @@
-"""`python -m pyfast.info`: versions, native backends, CUDA architectures, GPUs and threads."""
+"""`python -m pyfast.info`, kept working: the command lives in `pyfast.cli.info`."""
 
-from __future__ import annotations
-
-import platform
 import sys
 
-import torch
+from pyfast.cli.info import collect, main
 
-import pyfast
-from pyfast import _native
-
-
-def collect() -> dict:
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    return {
-        "pyfast": pyfast.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch CUDA": torch.version.cuda or "none",
-        "native cpu": _native.native_available("cpu"),
-        "native cuda": _native.native_available("cuda"),
-        "cuda archs": ",".join(_native.cuda_archs()) or "none",
-        "native import error": str(_native._IMPORT_ERROR) if _native._IMPORT_ERROR else "none",
-        "backend setting": _native.backend_setting(),
-        "visible GPUs": ", ".join(gpus) or "none",
-        "torch threads": torch.get_num_threads(),
-    }
-
-
-def main() -> int:
-    info = collect()
-    width = max(map(len, info))
-    for key, value in info.items():
-        print(f"{key:<{width}}  {value}")
-    return 0 if info["native cpu"] else 1
-
+__all__ = ["collect", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

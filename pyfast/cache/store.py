@@ -32,7 +32,14 @@ import xxhash
 from pyfast import _io
 from pyfast.cache.format import PackedFormatError
 from pyfast.cache.keys import entry_name
-from pyfast.cache.packed import NONFINITE_POLICIES, OVERFLOW_POLICIES, Packed, pack, packed_from_bytes
+from pyfast.cache.packed import (
+    NONFINITE_POLICIES,
+    OVERFLOW_POLICIES,
+    Packed,
+    _policy_error,
+    pack,
+    packed_from_bytes,
+)
 from pyfast.ops._checks import check_choice
 from pyfast.ops.pack import PACK_DTYPES
 
@@ -210,15 +217,20 @@ class FeatureCache:
 
     # ---- writing ----
 
-    def put(self, key: str, tensors: Mapping[str, torch.Tensor]) -> int:
+    def put(self, key: str, tensors: Mapping[str, torch.Tensor] | Packed) -> int:
         """Stores `tensors` (name -> float tensor, any device) for `key`; returns the bytes written.
 
-        Raises (and stores nothing) when packing fails under the overflow/nonfinite policies.
+        `tensors` may also be a Packed already in the cache's dtype whose statistics are known (e.g.
+        one sample's slice of a batch packed once): it is stored as is, without a second cast.
+        Raises (and stores nothing) when the values break the overflow/nonfinite policies.
         """
-        if not isinstance(tensors, Mapping):
-            raise TypeError(f"tensors must be a mapping name -> tensor, got {type(tensors).__name__}")
+        if isinstance(tensors, Packed):
+            packed = self._checked(tensors)
+        elif not isinstance(tensors, Mapping):
+            raise TypeError(f"tensors must be a mapping name -> tensor or a Packed, got {type(tensors).__name__}")
+        else:
+            packed = pack(tensors, dtype=self.dtype, overflow=self.overflow, nonfinite=self.nonfinite)
         path = self.path(key)
-        packed = pack(tensors, dtype=self.dtype, overflow=self.overflow, nonfinite=self.nonfinite)
         payload = packed.host_bytes()
         meta = {
             "pyfast.cache": CACHE_FORMAT_VERSION,
@@ -236,6 +248,20 @@ class FeatureCache:
         if self.max_bytes is not None:
             self._account(size)
         return size
+
+    def _checked(self, packed: Packed) -> Packed:
+        """A ready Packed, checked against this cache's dtype and policies."""
+        if packed.dtype != self.dtype:
+            raise TypeError(f"Packed holds {packed.dtype} but the cache stores {self.dtype}")
+        stats = packed.stats
+        if stats is None:
+            raise ValueError("a Packed without statistics cannot be checked against the cache's policies")
+        names, counts = list(stats), [(s.nonfinite, s.overflow) for s in stats.values()]
+        if self.nonfinite == "error" and any(c[0] for c in counts):
+            raise ValueError(_policy_error("non-finite values (nonfinite='error')", names, counts, 0, "non-finite"))
+        if self.overflow == "error" and any(c[1] for c in counts):
+            raise OverflowError(_policy_error("values beyond the range (overflow='error')", names, counts, 1, "out of range"))
+        return packed
 
     # ---- size bound ----
 

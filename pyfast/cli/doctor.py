@@ -1,9 +1,11 @@
 """`pyfast-doctor`: checks that find problems before a training run does.
 
-`pyfast-doctor data --data SPEC [...]` loads and validates every sample of the sources without
-training and reports what would be skipped, and why, then what trains but looks wrong (findings).
-`pyfast-doctor checkpoint PATH [--model SPEC]` describes a weights file or reports how it loads into
-a model (`pyfast.models.weights_doctor`).
+`pyfast-doctor data [--data SPEC ...] [--fast] [--config FILE]` loads and validates every sample of
+the sources without training and reports what would be skipped, and why, then what trains but looks
+wrong (findings). It takes pyfast-train's own data options (same flags, defaults, `--fast` preset and
+`--config` files), so with no `--data` it scans exactly what `pyfast-train` with the same options
+would train on. `pyfast-doctor checkpoint PATH [--model SPEC]` describes a weights file or reports
+how it loads into a model (`pyfast.models.weights_doctor`).
 """
 
 from __future__ import annotations
@@ -18,19 +20,15 @@ from typing import Optional, Sequence
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pyfast.data import (
-    FindingsReport,
-    MissingSourceError,
-    RobustDataset,
-    SkippedSample,
-    SkipTracker,
-    add_data_arguments,
-    build_sources,
-    data_specs_from_args,
-)
+from pyfast.cli.options import add_config_flags, config_layers
+from pyfast.data import FindingsReport, MissingSourceError, RobustDataset, SkippedSample, SkipTracker, build_sources
 from pyfast.data.inspection import InspectingDataset, ScanTally, collect_verdicts
 from pyfast.data.skip import exceeds_bound
 from pyfast.models.weights_doctor import add_checkpoint_command, run_checkpoint
+from pyfast.train.config import ConfigError, build_config
+
+# pyfast-train's options that decide what data it trains on.
+DATA_OPTIONS = ("data", "synthetic_samples", "data_seed", "image_size", "max_skip_fraction")
 
 EXIT_OK, EXIT_TOO_MANY_BAD, EXIT_USAGE = 0, 1, 2
 _EXAMPLES_PER_REASON = 3
@@ -40,8 +38,11 @@ _SCAN_BATCH = 32
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyfast-doctor", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    data = commands.add_parser("data", help="scan every sample of the data sources without training")
-    add_data_arguments(data)
+    data = commands.add_parser(
+        "data", help="scan every sample of the data sources without training",
+        description="Scan every sample that pyfast-train with the same options would train on.",
+    )
+    add_config_flags(data, DATA_OPTIONS)
     data.add_argument("--out", type=Path, default=None, metavar="DIR", help="write DIR/skipped.jsonl and DIR/findings.jsonl")
     data.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader workers for the scan (default 0)")
     add_checkpoint_command(commands)
@@ -72,9 +73,11 @@ def run_data(args: argparse.Namespace) -> int:
     if args.workers < 0:
         return _error(f"--workers must be >= 0, got {args.workers}")
     try:
-        sources = build_sources(data_specs_from_args(args), log=print)
-    except (MissingSourceError, ValueError, OSError) as error:
+        config = build_config(*config_layers(args))
+        sources = build_sources(config.data_specs(), log=print)
+    except (ConfigError, MissingSourceError, ValueError, OSError) as error:
         return _error(str(error))
+    max_skip_fraction = config.max_skip_fraction
 
     dataset = RobustDataset(sources)
     total = len(dataset)
@@ -104,16 +107,16 @@ def run_data(args: argparse.Namespace) -> int:
 
     print(f"scanned {total:,} samples in {elapsed:.1f} s ({total / max(elapsed, 1e-9):,.0f} samples/s)")
     print(f"ok: {ok:,}")
-    print(f"skipped: {tracker.count:,} ({tracker.fraction:.2%} of the samples, allowed {args.max_skip_fraction:.2%})")
+    print(f"skipped: {tracker.count:,} ({tracker.fraction:.2%} of the samples, allowed {max_skip_fraction:.2%})")
     if skipped:
         print(format_skip_report(skipped))
     print(tally.findings.format())
     if log_path is not None:
         print(f"skipped samples written to {log_path}, findings to {findings_path}")
-    if exceeds_bound(tracker.count, total, args.max_skip_fraction):
+    if exceeds_bound(tracker.count, total, max_skip_fraction):
         print(
             f"FAIL: {tracker.fraction:.2%} of the samples are bad, more than --max-skip-fraction "
-            f"{args.max_skip_fraction:g}; training would abort"
+            f"{max_skip_fraction:g}; training would abort"
         )
         return EXIT_TOO_MANY_BAD
     print("OK: within the --max-skip-fraction bound")

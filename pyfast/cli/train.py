@@ -1,117 +1,99 @@
 """pyfast-train: train box and mask refinement heads on frozen backbone features.
 
-Argument parsing only; the work is pyfast.train.Trainer. Settings layer as
-defaults < --fast < --config FILE.yaml < flags; `--resume` starts from the run's saved config.yaml.
+Argument parsing and printing only; the work is `pyfast.train.prepare` and `pyfast.train.train`.
+Settings layer as defaults < --fast < --config FILE.yaml < flags; `--resume` starts from the
+run's checkpoint and accepts only the changes that keep its continuation exact. Every mistake is
+one line on stderr (`pyfast-train: error: ...`): exit 2 before training starts, 1 when training
+fails, 130 for Ctrl-C, 128 + N when signal N stopped the run (it resumes).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from pathlib import Path
-
-from pyfast.data import MissingSourceError, TooManyBadSamples, add_data_arguments
+import time
 
 PROG = "pyfast-train"
 
-# flag -> config field, for the flags that map one to one
-_FLAGS = {
-    "epochs": int, "max_steps": int, "batch_size": int, "lr": float, "precision": str, "accumulate": int,
-    "clip_norm": float, "device": str, "seed": int, "cache_dir": str, "workers": int, "out": str,
-    "backbone": str, "image_size": int, "checkpoint_every": int,
-}
-
 
 def build_parser() -> argparse.ArgumentParser:
+    from pyfast.cli.options import add_config_flags
+
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Train box and mask refinement heads on cached features of a frozen backbone. "
         "With no arguments: the embedded synthetic data set and a small seeded backbone.",
+        epilog="Every option is also a key of --config files and of a run's config.yaml.",
     )
-    parser.add_argument("--fast", action="store_true", help="the quick preset: small images, short schedule, cache on")
-    parser.add_argument("--config", metavar="FILE.yaml", help="options from a YAML file (keys as in config.yaml)")
     parser.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
-                        help="continue a run from its last checkpoint (RUN_DIR or --out)")
-    s = argparse.SUPPRESS
-    parser.add_argument("--epochs", type=int, default=s, metavar="N")
-    parser.add_argument("--max-steps", type=int, default=s, metavar="N",
-                        help="stop after N optimizer steps in all, counted across resumes")
-    parser.add_argument("--batch-size", type=int, default=s, metavar="B")
-    parser.add_argument("--lr", type=float, default=s)
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=s,
-                        help="auto: bf16 (fp16 + GradScaler on older GPUs) on CUDA, fp32 on CPU")
-    parser.add_argument("--accumulate", type=int, default=s, metavar="N", help="micro-batches per optimizer step")
-    parser.add_argument("--clip-norm", type=float, default=s, metavar="X", help="gradient norm bound (<= 0: off)")
-    parser.add_argument("--device", default=s, help="auto, cpu, cuda, cuda:1 ...")
-    parser.add_argument("--seed", type=int, default=s)
-    parser.add_argument("--image-size", type=int, default=s, metavar="S")
-    parser.add_argument("--cache-dir", default=s, metavar="DIR", help="feature cache folder (default RUN_DIR/cache; off: none)")
-    parser.add_argument("--workers", type=int, default=s, help="DataLoader workers (default 0 on CPU, 2 on CUDA)")
-    parser.add_argument("--out", default=s, metavar="RUN_DIR", help="run directory (default runs/train-DATE-TIME)")
-    parser.add_argument("--backbone", default=s, metavar="MODULE:CALLABLE",
-                        help="a frozen feature extractor returning a (B, C, h, w) map (default: a seeded conv stack)")
-    parser.add_argument("--checkpoint-every", type=int, default=s, metavar="N", help="also save 'last' every N steps")
+                        help="continue a run from its last checkpoint (RUN_DIR, or the --out folder); only "
+                        "--max-steps, --epochs, --workers, --checkpoint-every, --device, --cache-dir, "
+                        "--max-nonfinite-in-a-row and --max-skip-fraction may change")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_data_arguments(parser)
+    add_config_flags(parser)
     return parser
 
 
-def config_from_args(args: argparse.Namespace, argv: list[str]):
-    from pyfast.train.config import FAST, build_config, load_yaml
-
-    flags = {name: getattr(args, name) for name in _FLAGS if hasattr(args, name)}
-    if args.data:
-        flags["data"] = [spec.text for spec in args.data]
-    if any(a == "--max-skip-fraction" or a.startswith("--max-skip-fraction=") for a in argv):
-        flags["max_skip_fraction"] = args.max_skip_fraction
-    if args.resume:
-        run_dir = args.resume if isinstance(args.resume, str) else flags.get("out")
-        if not run_dir:
-            raise ValueError("--resume needs a run directory: --resume RUN_DIR or --out RUN_DIR --resume")
-        saved = Path(run_dir) / "config.yaml"
-        if not saved.exists():
-            raise ValueError(f"--resume: {saved} does not exist")
-        flags["out"] = str(run_dir)
-        return build_config(load_yaml(saved), flags)
-    layers = []
-    if args.fast:
-        layers.append(FAST)
-    if args.config:
-        layers.append(load_yaml(args.config))
-    layers.append(flags)
-    return build_config(*layers)
+def _fail(message: str, code: int = 2) -> int:
+    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    args = build_parser().parse_args(argv)
+    return _main(args, started)
 
+
+def _main(args: argparse.Namespace, started: float) -> int:
+    from pyfast.cli.options import config_layers
+    from pyfast.data import MissingSourceError, TooManyBadSamples
     from pyfast.models import BackboneError
-    from pyfast.train import CheckpointError, ConfigError, Trainer, TrainingDiverged, format_table
-
-    def fail(message: str, code: int = 2) -> int:
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return code
-
-    try:
-        config = config_from_args(args, argv)
-        trainer = Trainer(config, resume=bool(args.resume), progress=False if args.no_progress else None)
-    except (ConfigError, MissingSourceError, BackboneError, CheckpointError, FileNotFoundError, ValueError) as error:
-        return fail(str(error))
+    from pyfast.train import (
+        CheckpointError, ConfigError, FeatureError, RunDirError, TrainingDiverged, build_config, format_table,
+        plan_resume, prepare, train,
+    )  # fmt: skip
+    from pyfast.train.loop import exit_code
 
     try:
-        summary = trainer.run()
-    except (TrainingDiverged, TooManyBadSamples, CheckpointError) as error:
-        print(format_table(trainer.summary(f"failed: {type(error).__name__}")))
-        return fail(str(error), 1)
+        layers = config_layers(args)
+        if args.resume:
+            out = layers[-1].get("out")
+            run_dir = args.resume if isinstance(args.resume, str) else out
+            if not run_dir:
+                return _fail("--resume needs a run directory: --resume RUN_DIR (or --out RUN_DIR --resume)")
+            if out is not None and isinstance(args.resume, str) and os.path.abspath(out) != os.path.abspath(args.resume):
+                return _fail(f"--resume {args.resume} and --out {out} name different run directories")
+            config, checkpoint = plan_resume(run_dir, layers)
+            run = prepare(config, resume=checkpoint)
+        else:
+            run = prepare(build_config(*layers))
+    except (ConfigError, RunDirError, MissingSourceError, BackboneError, CheckpointError, FeatureError, FileNotFoundError,
+            ValueError) as error:
+        return _fail(str(error))
+
+    try:
+        summary = train(run, progress_bar=False if args.no_progress else None, started=started)
     except KeyboardInterrupt:
-        return fail(f"interrupted; run directory {trainer.run_dir} (resume with --out {trainer.run_dir} --resume)", 130)
+        return _fail(f"interrupted; run directory {run.paths.path} (continue with: {PROG} --resume {run.paths.path})", 130)
+    except (TrainingDiverged, TooManyBadSamples, CheckpointError, FeatureError, OSError) as error:
+        print(format_table(_read_summary(run)))
+        return _fail(str(error), 1)
     print(format_table(summary))
-    if trainer.stop_code:
-        print(f"{PROG}: stopped by signal; resume with: {PROG} --out {trainer.run_dir} --resume", file=sys.stderr)
-        return trainer.stop_code
-    return 0
+    code = exit_code(summary)
+    if code:
+        print(f"{PROG}: stopped by {summary['stopped_by']}; continue with: {PROG} --resume {run.paths.path}", file=sys.stderr)
+    return code
+
+
+def _read_summary(run) -> dict:
+    import json
+
+    try:
+        return json.loads(run.paths.summary.read_text())
+    except (OSError, ValueError):
+        return {"status": "failed", "run_dir": str(run.paths.path)}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,7 +9,6 @@ at start-up and by `pyfast-doctor data`.
 
 from .builder import MissingSourceError, SourceList, SourceStatus, build_sources, format_source_table, open_source
 from .coco import CocoSource
-from .coco_eval import coco_box_ap
 from .dataset import Batch, RobustDataset, collate
 from .findings import Finding, FindingsReport
 from .inspection import inspect_sample
@@ -54,7 +53,6 @@ __all__ = [
     "TooManyBadSamples",
     "add_data_arguments",
     "build_sources",
-    "coco_box_ap",
     "collate",
     "data_specs_from_args",
     "format_source_table",

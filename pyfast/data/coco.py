@@ -36,10 +36,11 @@ from .findings import (
     Finding,
 )
 from .image_io import decode_image
-from .keys import content_key
-from .packed import PackedBytes, PackedStrings
+from pyfast.cache.keys import file_key
+
+from .compact import PackedBytes, PackedStrings
 from .sample import BadSample, Sample
-from .source import Source, SourcePathError, limit_count
+from .source import SkipImage, Source, SourcePathError, limit_count
 from .validate import (
     CATEGORY_BAD_ANNOTATION,
     CATEGORY_BAD_MASKS,
@@ -225,6 +226,7 @@ class CocoSource(Source):
     """
 
     kind = "coco"
+    loads_without_image = True
 
     def __init__(self, ann_file, images_dir, *, max_samples: Optional[int] = None, name: Optional[str] = None):
         ann_file, images_dir = Path(ann_file), Path(images_dir)
@@ -401,27 +403,43 @@ class CocoSource(Source):
             return BadSample(self._error_reasons[at], category=self._error_categories[at])
         return None
 
-    def load(self, index: int) -> Sample:
+    def key(self, index: int) -> str:
+        """The image's cache key without reading it: its path relative to the image folder, size and
+        mtime (`pyfast.file_key`), and the annotated height x width (a changed annotation size
+        must not be served features checked against the old one)."""
+        file = self.describe(index)
+        try:
+            stamp = file_key(self.images_dir / file, self.images_dir)
+        except OSError as error:
+            raise BadSample(f"cannot read image: {error.strerror or error}", category=CATEGORY_UNREADABLE) from None
+        except ValueError as error:  # a file_name that leaves the image folder
+            raise BadSample(f"cannot read image: {error}", category=CATEGORY_UNREADABLE) from None
+        height, width = (int(v) for v in self._image_sizes[index])
+        return f"coco:{stamp}|hw={height}x{width}"
+
+    def load(self, index: int, skip_image: SkipImage = None) -> Sample:
         file = self.describe(index)
         error = self._index_error(index)
         if error is not None:
             raise error  # before any read: an unsafe file_name is never opened
-        image_id = int(self._image_ids[index])
+        key = self.key(index)
+        height, width = (int(v) for v in self._image_sizes[index])
+        start, stop = (int(v) for v in self._annotation_offsets[index : index + 2])
+        boxes = check_box_range(check_boxes(self._boxes[start:stop], "bbox"), height, width, "bbox")
+        masks = check_masks(self._decode_masks(start, stop, height, width), boxes.shape[0], height, width, "segmentation")
+        if skip_image is not None and skip_image(key):
+            return Sample(image=None, prompt_boxes=boxes, boxes=boxes.copy(), masks=masks, key=key, source=self.name,
+                          file=file, image_size=(height, width))
         try:
             data = (self.images_dir / file).read_bytes()
         except OSError as error:
             raise BadSample(f"cannot read image: {error.strerror or error}", category=CATEGORY_UNREADABLE) from None
-        key = content_key("coco", data, image_id)
         image = decode_image(data)
-        height, width = (int(v) for v in self._image_sizes[index])
         if image.shape[:2] != (height, width):
             raise BadSample(
                 f"image is {image.shape[0]}x{image.shape[1]} (HxW) but the annotation file says {height}x{width}",
                 category=CATEGORY_BAD_ANNOTATION,
             )
-        start, stop = (int(v) for v in self._annotation_offsets[index : index + 2])
-        boxes = check_box_range(check_boxes(self._boxes[start:stop], "bbox"), height, width, "bbox")
-        masks = check_masks(self._decode_masks(start, stop, height, width), boxes.shape[0], height, width, "segmentation")
         return Sample(image=image, prompt_boxes=boxes, boxes=boxes.copy(), masks=masks, key=key, source=self.name, file=file)
 
     def _decode_masks(self, start: int, stop: int, height: int, width: int) -> np.ndarray:

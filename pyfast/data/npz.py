@@ -8,10 +8,11 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from .keys import content_key
-from .packed import PackedStrings
+from pyfast.cache.keys import bytes_key
+
+from .compact import PackedStrings
 from .sample import BadSample, Sample
-from .source import Source, SourcePathError, limit_count
+from .source import SkipImage, Source, SourcePathError, limit_count
 from .validate import (
     CATEGORY_MISSING_KEY,
     CATEGORY_PAIRED,
@@ -26,8 +27,9 @@ FRAME_KEYS = ("image", "boxes", "masks")
 PAIRED_KEYS = ("image2", "boxes2", "masks2")
 
 
-def _read_arrays(data: bytes) -> Mapping[str, np.ndarray]:
-    """Decode the arrays a sample needs; every decoding failure becomes BadSample."""
+def _read_arrays(data: bytes, images: bool = True) -> Mapping[str, np.ndarray]:
+    """Decode the arrays a sample needs (without `image`/`image2` when images=False); every decoding
+    failure becomes BadSample."""
     try:
         loaded = np.load(io.BytesIO(data), allow_pickle=False)
     except MemoryError:
@@ -55,6 +57,8 @@ def _read_arrays(data: bytes) -> Mapping[str, np.ndarray]:
             )
         arrays = {}
         for key in FRAME_KEYS + tuple(paired):
+            if not images and key in ("image", "image2"):
+                continue
             try:
                 arrays[key] = loaded[key]
             except MemoryError:
@@ -95,6 +99,25 @@ def sample_from_arrays(arrays: Mapping[str, np.ndarray], *, key: str, source: st
     return Sample(image=image2, prompt_boxes=boxes, boxes=boxes2, masks=masks2, key=key, source=source, file=file)
 
 
+def targets_from_arrays(arrays: Mapping[str, np.ndarray], *, key: str, source: str, file: str) -> Sample:
+    """A Sample without its image from npz-style arrays that hold no `image`/`image2`. The image
+    size is the masks' (the features of this exact file were cached, so its image passed
+    `sample_from_arrays` when they were computed)."""
+    suffix = "2" if "boxes2" in arrays else ""
+    prompts = check_boxes(arrays["boxes"], "boxes")
+    boxes = check_boxes(arrays["boxes" + suffix], "boxes" + suffix)
+    raw_masks = arrays["masks" + suffix]
+    height, width = (raw_masks.shape[1:] if getattr(raw_masks, "ndim", 0) == 3 else (0, 0))
+    masks = check_masks(raw_masks, boxes.shape[0], height, width, "masks" + suffix)
+    if prompts.shape[0] != boxes.shape[0]:
+        raise BadSample(
+            f"paired fields inconsistent: boxes has {prompts.shape[0]} objects, boxes2 has {boxes.shape[0]}",
+            category=CATEGORY_PAIRED,
+        )
+    return Sample(image=None, prompt_boxes=prompts, boxes=boxes, masks=masks, key=key,
+                  source=source, file=file, image_size=(int(height), int(width)))
+
+
 class NpzSource(Source):
     """Every `*.npz` under `root`, in sorted relative-path order.
 
@@ -103,6 +126,7 @@ class NpzSource(Source):
     """
 
     kind = "npz"
+    loads_without_image = True
 
     def __init__(self, root, *, max_samples: Optional[int] = None, name: Optional[str] = None):
         root = Path(root)
@@ -122,13 +146,17 @@ class NpzSource(Source):
     def describe(self, index: int) -> str:
         return self._files[self._check_index(index)]
 
-    def load(self, index: int) -> Sample:
+    def load(self, index: int, skip_image: SkipImage = None) -> Sample:
         file = self.describe(index)
         try:
             data = (self.root / file).read_bytes()
         except OSError as error:
             raise BadSample(f"cannot read file: {error.strerror or error}", category=CATEGORY_UNREADABLE) from None
-        # The key hashes the bytes we are about to decode: moving the folder keeps it, editing changes it.
-        key = content_key("npz", data)
+        # The key hashes the bytes we are about to decode: moving or copying the folder keeps it,
+        # editing changes it. The file holds the targets too, so it is read either way; a cached
+        # sample only skips decoding its image arrays.
+        key = bytes_key(data, prefix="npz:")
+        if skip_image is not None and skip_image(key):
+            return targets_from_arrays(_read_arrays(data, images=False), key=key, source=self.name, file=file)
         arrays = _read_arrays(data)
         return sample_from_arrays(arrays, key=key, source=self.name, file=file)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import abc
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 
 from .findings import Finding
 from .sample import Sample
+
+# `load(index, skip_image=fn)`: called with the sample's cache key before the image is decoded;
+# True means "its features are cached: return the targets only".
+SkipImage = Optional[Callable[[str], bool]]
 
 
 class SourcePathError(ValueError):
@@ -23,9 +27,16 @@ class Source(abc.ABC):
     `load(i)` returns a validated Sample or raises BadSample; it never returns partial data. Sources
     are pickled into DataLoader workers, so after construction they hold only numpy arrays and
     scalars, and `load` is a pure function of the index and the files on disk.
+
+    Sources whose `loads_without_image` is True also accept `load(i, skip_image=fn)`: they compute
+    the sample's cache key without decoding the image, call `fn(key)`, and when it returns True
+    return the sample with `image=None` (boxes, masks and `image_size` only) without decoding the
+    image. That is how a sample whose features are cached is served without its image. A source
+    without it is loaded whole, and the caller drops the image after a cache hit.
     """
 
     kind: str = ""
+    loads_without_image: bool = False
 
     def __init__(self, name: str):
         self.name = name

@@ -14,10 +14,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .sample import Sample
-from .source import Source, limit_count
+from .source import SkipImage, Source, limit_count
 
 # Bump when the drawing changes: it is part of every synthetic cache key.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SHAPE_KINDS = ("rectangle", "ellipse", "triangle", "polygon", "ring")
 MIN_OBJECTS, MAX_OBJECTS = 1, 6
 MIN_IMAGE_SIZE = 32
@@ -44,9 +44,15 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return base + texture + gradient + grain
 
 
-def _shape_mask(rng: np.random.Generator, kind: str, box: Tuple[float, float, float, float], size: int) -> np.ndarray:
-    x0, y0, x1, y1 = box
-    canvas = Image.new("L", (size, size), 0)
+def _shape_mask(
+    rng: np.random.Generator, kind: str, box: Tuple[float, float, float, float], size: int
+) -> Tuple[np.ndarray, int, int]:
+    """The shape drawn in its own window of the image: (bool mask, top row, left column). Drawing
+    only the window (not an S x S canvas) keeps the cost of a sample independent of S."""
+    left, top = max(int(np.floor(box[0])) - 1, 0), max(int(np.floor(box[1])) - 1, 0)
+    right, bottom = min(int(np.ceil(box[2])) + 2, size), min(int(np.ceil(box[3])) + 2, size)
+    x0, y0, x1, y1 = box[0] - left, box[1] - top, box[2] - left, box[3] - top
+    canvas = Image.new("L", (right - left, bottom - top), 0)
     draw = ImageDraw.Draw(canvas)
     cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
     if kind == "rectangle":
@@ -68,7 +74,7 @@ def _shape_mask(rng: np.random.Generator, kind: str, box: Tuple[float, float, fl
         draw.polygon(points, fill=1)
     else:  # pragma: no cover - SHAPE_KINDS is closed
         raise ValueError(f"unknown shape kind {kind!r}")
-    return np.asarray(canvas, dtype=np.uint8) != 0
+    return np.asarray(canvas, dtype=np.uint8) != 0, top, left
 
 
 def _box_iou(a, b) -> float:
@@ -88,19 +94,21 @@ def _contrasting_colour(rng: np.random.Generator, background: np.ndarray) -> np.
     return np.where(background > 127.0, background - 120.0, background + 120.0)
 
 
-def render_synthetic(seed: int, index: int, image_size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def render_synthetic(
+    seed: int, index: int, image_size: int, *, image: bool = True
+) -> Tuple[Optional[np.ndarray], np.ndarray, np.ndarray]:
     """Draw sample `index`: image uint8 (S, S, 3), boxes float32 (K, 4) tight xyxy, masks bool (K, S, S).
 
     Masks are the visible parts (later shapes occlude earlier ones); a shape that would be mostly
     hidden is not drawn at all, so every drawn shape is labelled and every label is visible.
+    The layout (objects, shapes) and the paint (background, colours) come from separate random
+    streams, so `image=False` returns (None, boxes, masks) without painting the image.
     """
     size = image_size
-    rng = np.random.default_rng([GENERATOR_VERSION, seed, index])
-    image = _background(rng, size)
+    rng = np.random.default_rng([GENERATOR_VERSION, seed, index, 0])  # the layout
 
     boxes: List[Tuple[float, float, float, float]] = []
-    masks: List[np.ndarray] = []
-    kinds: List[str] = []
+    shapes: List[Tuple[np.ndarray, int, int]] = []  # (window mask, top, left)
     for _ in range(int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))):
         for _attempt in range(10):
             width, height = rng.uniform(0.12, 0.45, 2) * size
@@ -110,37 +118,41 @@ def render_synthetic(seed: int, index: int, image_size: int) -> Tuple[np.ndarray
             if all(_box_iou(box, other) < _MAX_OVERLAP_IOU for other in boxes):
                 kind = SHAPE_KINDS[int(rng.integers(len(SHAPE_KINDS)))]
                 boxes.append(box)
-                masks.append(_shape_mask(rng, kind, box, size))
-                kinds.append(kind)
+                shapes.append(_shape_mask(rng, kind, box, size))
                 break
 
     # Later shapes are drawn on top: walk back to front to find what stays visible.
     occluded = np.zeros((size, size), dtype=bool)
-    visible: List[Optional[np.ndarray]] = [None] * len(masks)
-    for j in range(len(masks) - 1, -1, -1):
-        mask_visible = masks[j] & ~occluded
-        area = int(masks[j].sum())
-        if area >= 16 and mask_visible.sum() >= _MIN_VISIBLE_FRACTION * area:
+    visible: List[Optional[np.ndarray]] = [None] * len(shapes)
+    for j in range(len(shapes) - 1, -1, -1):
+        mask, top, left = shapes[j]
+        covered = occluded[top : top + mask.shape[0], left : left + mask.shape[1]]
+        mask_visible = mask & ~covered
+        area = np.count_nonzero(mask)
+        if area >= 16 and np.count_nonzero(mask_visible) >= _MIN_VISIBLE_FRACTION * area:
             visible[j] = mask_visible
-            occluded |= masks[j]
+            covered |= mask
 
-    out_boxes, out_masks = [], []
-    for j, mask in enumerate(masks):
-        if visible[j] is None:
-            continue
-        colour = _contrasting_colour(rng, image[mask].mean(axis=0))
-        shading = rng.normal(0.0, 7.0, (int(mask.sum()), 3))
-        image[mask] = colour + shading
-    for j, mask in enumerate(visible):
-        if mask is None:
-            continue
-        ys, xs = np.nonzero(mask)
-        out_boxes.append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
-        out_masks.append(mask)
+    kept = [j for j, mask in enumerate(visible) if mask is not None]
+    boxes_array = np.zeros((len(kept), 4), dtype=np.float32)
+    masks_array = np.zeros((len(kept), size, size), dtype=bool)
+    for k, j in enumerate(kept):
+        mask, (_, top, left) = visible[j], shapes[j]
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        boxes_array[k] = (left + cols[0], top + rows[0], left + cols[-1] + 1, top + rows[-1] + 1)
+        masks_array[k, top : top + mask.shape[0], left : left + mask.shape[1]] = mask
+    if not image:
+        return None, boxes_array, masks_array
 
-    image_u8 = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-    boxes_array = np.asarray(out_boxes, dtype=np.float32).reshape(-1, 4)
-    masks_array = np.stack(out_masks) if out_masks else np.zeros((0, size, size), dtype=bool)
+    paint = np.random.default_rng([GENERATOR_VERSION, seed, index, 1])
+    canvas = _background(paint, size)
+    for j in kept:
+        mask, top, left = shapes[j]
+        window = canvas[top : top + mask.shape[0], left : left + mask.shape[1]]
+        colour = _contrasting_colour(paint, window[mask].mean(axis=0))
+        shading = paint.normal(0.0, 7.0, (int(np.count_nonzero(mask)), 3))
+        window[mask] = colour + shading
+    image_u8 = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
     return image_u8, boxes_array, masks_array
 
 
@@ -148,6 +160,7 @@ class SyntheticSource(Source):
     """`num_samples` generated samples of `image_size` x `image_size` pixels; nothing is stored."""
 
     kind = "synthetic"
+    loads_without_image = True
 
     def __init__(
         self,
@@ -177,15 +190,18 @@ class SyntheticSource(Source):
     def key(self, index: int) -> str:
         return f"synthetic-v{GENERATOR_VERSION}-seed{self.seed}-size{self.image_size}-{self._check_index(index)}"
 
-    def load(self, index: int) -> Sample:
+    def load(self, index: int, skip_image: SkipImage = None) -> Sample:
         index = self._check_index(index)
-        image, boxes, masks = render_synthetic(self.seed, index, self.image_size)
+        key = self.key(index)
+        with_image = skip_image is None or not skip_image(key)
+        image, boxes, masks = render_synthetic(self.seed, index, self.image_size, image=with_image)
         return Sample(
             image=image,
             prompt_boxes=boxes,
             boxes=boxes.copy(),
             masks=masks,
-            key=self.key(index),
+            key=key,
             source=self.name,
             file=self.describe(index),
+            image_size=(self.image_size, self.image_size),
         )

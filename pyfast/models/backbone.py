@@ -3,14 +3,23 @@
 `TinyBackbone` is the default: a small conv stack with seeded random weights (no download), enough
 to carry edges and shapes to the heads. Any other extractor plugs in through
 `load_backbone("module:callable")`: the callable builds an `nn.Module` mapping (B, 3, S, S) images in
-[0, 1] to a (B, C, h, w) feature map; its stride is found by probing. `load_backbone("hf:PATH")` loads
-a Hugging Face encoder (SAM, HQ-SAM, ViT, DINOv2/v3; `pyfast.models.hf`). `weights=PATH` loads a
-checkpoint into the backbone through `pyfast.load_weights`; its report is `backbone.weights_report`.
+[0, 1] to a tensor, a tuple or a dict of (B, C, h, w) feature maps (multi-level encoders return
+several). `load_backbone("hf:PATH")` loads a Hugging Face encoder (SAM, HQ-SAM, ViT, DINOv2/v3;
+`pyfast.models.hf`); `weights=PATH` loads a checkpoint into the backbone through
+`pyfast.load_weights` (its report is `backbone.weights_report`). `feature_maps` names the maps (a tensor is "features", a
+tuple's maps are "0", "1", ...), and `probe` finds each map's channels and stride by running the
+backbone once.
+
+A backbone may carry `preprocess: dict` (whatever shapes its features beyond the letterbox: sizes,
+mean/std, padding; it goes into the feature-cache fingerprint) and `input_size: int | None` (the
+square input size it expects; the training job refuses another `--image-size`).
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +29,7 @@ DEFAULT_BACKBONE = "pyfast.models.backbone:TinyBackbone"
 
 
 class BackboneError(ValueError):
-    """A backbone that cannot be loaded or does not produce a (B, C, h, w) map."""
+    """A backbone that cannot be loaded or does not produce (B, C, h, w) feature maps."""
 
 
 class TinyBackbone(nn.Module):
@@ -102,18 +111,62 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-@torch.no_grad()
-def probe(model: nn.Module, image_size: int, device: torch.device | str = "cpu") -> tuple[int, int]:
-    """(channels, stride) of `model` at `image_size`, by running it once on a blank image."""
-    x = torch.zeros(1, 3, image_size, image_size, device=device)
-    y = model(x)
-    if not isinstance(y, torch.Tensor) or y.dim() != 4 or y.shape[0] != 1:
-        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise BackboneError(f"backbone must return a (B, C, h, w) tensor, got {shape}")
-    h, w = y.shape[-2:]
-    if h != w or image_size % h != 0:
-        raise BackboneError(
-            f"backbone maps a {image_size}x{image_size} image to {h}x{w}: need a square map whose size divides the input"
-        )
-    return int(y.shape[1]), image_size // h
+def feature_maps(output) -> dict[str, torch.Tensor]:
+    """A backbone's output as an ordered dict name -> (B, C, h, w) map.
 
+    A tensor is {"features": t}; a tuple or list is {"0": t0, "1": t1, ...}; a dict keeps its str
+    keys and order. Anything else, or a map that is not 4-D, raises BackboneError naming it.
+    """
+    if isinstance(output, torch.Tensor):
+        maps = {"features": output}
+    elif isinstance(output, Mapping):
+        maps = dict(output)
+        for name in maps:
+            if not isinstance(name, str) or not name:
+                raise BackboneError(f"backbone returned a dict with key {name!r}: map names must be non-empty str")
+    elif isinstance(output, Sequence) and not isinstance(output, (str, bytes)):
+        maps = {str(i): t for i, t in enumerate(output)}
+    else:
+        raise BackboneError(f"backbone must return a tensor, a tuple or a dict of (B, C, h, w) maps, got {type(output).__name__}")
+    if not maps:
+        raise BackboneError("backbone returned no feature map")
+    for name, t in maps.items():
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise BackboneError(f"backbone output {name!r} must be a (B, C, h, w) tensor, got {shape}")
+    return maps
+
+
+@dataclass(frozen=True)
+class FeatureMap:
+    """One feature map of a backbone at a given input size: (channels, size, size), `stride` input
+    pixels per map cell."""
+
+    name: str
+    channels: int
+    size: int
+    stride: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.size, self.size)
+
+
+@torch.no_grad()
+def probe(model: nn.Module, image_size: int, device: torch.device | str = "cpu") -> dict[str, FeatureMap]:
+    """Every feature map of `model` at `image_size` (name -> FeatureMap, in output order), found by
+    running it once on a blank image."""
+    x = torch.zeros(1, 3, image_size, image_size, device=device)
+    maps = feature_maps(model(x))
+    found = {}
+    for name, y in maps.items():
+        if y.shape[0] != 1:
+            raise BackboneError(f"backbone output {name!r} has batch size {y.shape[0]} for a batch of 1")
+        h, w = y.shape[-2:]
+        if h != w or h == 0 or image_size % h != 0:
+            raise BackboneError(
+                f"backbone output {name!r} maps a {image_size}x{image_size} image to {h}x{w}: "
+                "need a square map whose size divides the input"
+            )
+        found[name] = FeatureMap(name, int(y.shape[1]), int(h), image_size // int(h))
+    return found

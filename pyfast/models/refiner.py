@@ -1,22 +1,24 @@
 """The refiner: RoI features for each input box → refined box, mask and predicted mask IoU.
 
 Each input box is widened by `context` (so a box that cut the object short still sees all of it)
-and pooled from the feature map with RoIAlign. The box head predicts how far each edge of the input
-box moves; the mask head predicts the object's mask inside the widened window; the optional IoU head
-predicts how well that mask will match (trained towards `pyfast.mask_iou`).
+and pooled with RoIAlign from each feature map the refiner was built for (one map, or several of a
+multi-level encoder, pooled at their own strides and concatenated along channels). The box head
+predicts how far each edge of the input box moves; the mask head predicts the object's mask inside
+the widened window; the optional IoU head predicts how well that mask will match. The training
+objective that supervises these outputs is `pyfast.train.objective`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-import pyfast
 from pyfast.models.heads import BoxHead, MaskHead
 from pyfast.models.roi_align import roi_align
+
 
 @dataclass
 class RefinerOutput:
@@ -43,23 +45,40 @@ def decode(boxes: torch.Tensor, offsets: torch.Tensor, context: float) -> torch.
     return boxes + offsets.float() * size.repeat(1, 2)
 
 
+def _as_tuple(value, name: str) -> tuple[int, ...]:
+    values = tuple(int(v) for v in value) if isinstance(value, Sequence) else (int(value),)
+    if not values or any(v < 1 for v in values):
+        raise ValueError(f"{name} must be a positive int or a non-empty sequence of them, got {value!r}")
+    return values
+
+
 class Refiner(nn.Module):
+    """Box, mask and IoU heads over RoIAligned features.
+
+    in_channels, stride: one int each for a single feature map, or one entry per map for several
+    (the maps are passed to `forward` in the same order).
+    """
+
     def __init__(
         self,
-        in_channels: int,
-        stride: int,
+        in_channels: int | Sequence[int],
+        stride: int | Sequence[int],
         roi_size: int = 14,
         context: float = 1.5,
         hidden: int = 64,
         iou_head: bool = True,
     ):
         super().__init__()
-        self.stride = int(stride)
+        self.channels = _as_tuple(in_channels, "in_channels")
+        self.strides = _as_tuple(stride, "stride")
+        if len(self.channels) != len(self.strides):
+            raise ValueError(f"in_channels {self.channels} and stride {self.strides} must name the same maps")
         self.roi_size = int(roi_size)
         self.mask_size = 2 * self.roi_size
         self.context = float(context)
-        self.box_head = BoxHead(in_channels, roi_size, context, hidden=hidden, iou_head=iou_head)
-        self.mask_head = MaskHead(in_channels, hidden=hidden)
+        total = sum(self.channels)
+        self.box_head = BoxHead(total, roi_size, context, hidden=hidden, iou_head=iou_head)
+        self.mask_head = MaskHead(total, hidden=hidden)
 
     def windows(self, boxes: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """The widened RoI of each box, as (N, 5) [index, x1, y1, x2, y2]."""
@@ -67,45 +86,16 @@ class Refiner(nn.Module):
         half = 0.5 * self.context * (boxes[:, 2:] - boxes[:, :2]).clamp(min=1.0)
         return torch.cat([index[:, None].to(boxes.dtype), c - half, c + half], dim=1)
 
-    def forward(self, features: torch.Tensor, boxes: torch.Tensor, index: torch.Tensor) -> RefinerOutput:
+    def forward(
+        self, features: torch.Tensor | Sequence[torch.Tensor], boxes: torch.Tensor, index: torch.Tensor
+    ) -> RefinerOutput:
+        maps = [features] if isinstance(features, torch.Tensor) else list(features)
+        if len(maps) != len(self.strides):
+            raise ValueError(f"the refiner was built for {len(self.strides)} feature map(s), got {len(maps)}")
         rois = self.windows(boxes, index)
-        pooled = roi_align(features, rois, self.roi_size, spatial_scale=1.0 / self.stride, sampling_ratio=2)
+        pooled = [
+            roi_align(f, rois, self.roi_size, spatial_scale=1.0 / s, sampling_ratio=2) for f, s in zip(maps, self.strides)
+        ]
+        pooled = pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)
         offsets, iou_logits = self.box_head(pooled)
         return RefinerOutput(rois, decode(boxes, offsets, self.context), self.mask_head(pooled), iou_logits)
-
-
-def mask_targets(masks: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Tensor:
-    """Ground-truth masks (N, H, W) resampled onto each RoI window → (N, size, size) bool."""
-    own = torch.cat([torch.arange(len(rois), device=rois.device, dtype=rois.dtype)[:, None], rois[:, 1:]], dim=1)
-    return roi_align(masks[:, None].float(), own, size, spatial_scale=1.0, sampling_ratio=2)[:, 0] >= 0.5
-
-
-@dataclass
-class LossWeights:
-    box: float = 1.0
-    mask: float = 1.0
-    iou: float = 0.5
-    box_mode: str = "giou"
-
-
-def refiner_loss(
-    out: RefinerOutput,
-    gt_boxes: torch.Tensor,
-    gt_masks: torch.Tensor,
-    image_size: int,
-    weights: LossWeights = LossWeights(),
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Total loss and its (detached) parts. Box loss is on boxes normalised by the image size."""
-    scale = 1.0 / float(image_size)
-    box = pyfast.box_loss(out.refined * scale, gt_boxes.float() * scale, mode=weights.box_mode)
-    target = mask_targets(gt_masks, out.rois, out.mask_logits.shape[-1])
-    mask = pyfast.mask_loss(out.mask_logits, target)
-    total = weights.box * box + weights.mask * mask
-    parts = {"box": box.detach(), "mask": mask.detach()}
-    if out.iou_logits is not None:
-        with torch.no_grad():
-            iou_target = pyfast.mask_iou(out.mask_logits.detach(), target).float()
-        iou = F.binary_cross_entropy_with_logits(out.iou_logits.float(), iou_target)
-        total = total + weights.iou * iou
-        parts["iou"] = iou.detach()
-    return total, parts

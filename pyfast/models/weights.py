@@ -683,6 +683,10 @@ def apply_state_dict(
         raise WeightsError(f"{source}: checkpoint matches too little of the model: nothing matched{hint}", report)
     if report.matched_fraction < min_fraction:
         missing = f"; missing e.g. {_some(report.missing, 3)}" if report.missing else ""
+        if report.mismatched:
+            key, theirs, ours = report.mismatched[0]
+            missing += (f"; {len(report.mismatched)} have another shape in the checkpoint (shape mismatch, e.g. "
+                        f"{key}: checkpoint {theirs} vs model {ours})")
         raise WeightsError(
             f"{source}: checkpoint matches too little of the model: {len(report.loaded) + len(report.tied)} "
             f"of {report.model_tensors} tensors ({report.tensor_fraction:.1%}), {report.element_fraction:.1%} of the "

@@ -2,9 +2,10 @@
 
 `save_checkpoint` writes to a temporary file in the same folder, fsyncs it, `os.replace`s it over
 the target and fsyncs the folder: a reader sees the old checkpoint or the new one, never half of
-one. `load_state_dict_checked` is `pyfast.models.weights.apply_state_dict` (prefix stripping,
-report of missing, unexpected and shape-mismatched keys, refusal of a load that matched too
-little) with the errors a checkpoint load raises.
+one. `load_checkpoint` loads with `weights_only=True`. `load_state_dict_checked` is
+`pyfast.models.weights.apply_state_dict` (prefix stripping, report of missing, unexpected and
+shape-mismatched keys, refusal of a load that matched too little) with the errors a checkpoint load
+raises.
 """
 
 from __future__ import annotations
@@ -33,14 +34,17 @@ def save_checkpoint(path, payload: dict, *, serialize: Callable[[dict, io.BytesI
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
+    """The payload saved at `path`. Raises CheckpointError naming the file for a missing or unreadable checkpoint."""
+    where = os.fspath(path)
     try:
-        payload = torch.load(os.fspath(path), map_location=map_location, weights_only=False)
+        payload = torch.load(where, map_location=map_location, weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"no checkpoint at {os.fspath(path)}") from None
+        raise CheckpointError(f"no checkpoint at {where}") from None
     except Exception as error:  # a damaged file: say which and why, in one line
-        raise CheckpointError(f"cannot read checkpoint {os.fspath(path)}: {type(error).__name__}: {error}") from None
+        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise CheckpointError(f"cannot read checkpoint {where}: {type(error).__name__}: {text}") from None
     if not isinstance(payload, dict):
-        raise CheckpointError(f"{os.fspath(path)} does not hold a checkpoint dict")
+        raise CheckpointError(f"{where} does not hold a checkpoint dict")
     return payload
 
 

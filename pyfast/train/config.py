@@ -1,94 +1,148 @@
-"""The training configuration: one flat dataclass, layered defaults < --fast preset < YAML file < flags."""
+"""The training configuration: one flat dataclass whose field definitions are the single source of truth.
+
+Each field carries its help text, group and limits. From them come the command-line flags
+(`pyfast.cli.options` generates one per field), the YAML keys (`config.yaml`, `--config FILE`), and
+the one coercion and validation path both go through (`coerce`), so a value is accepted or refused
+with the same message wherever it comes from. Settings layer as defaults < `--fast` (FAST) <
+`--config FILE.yaml` < flags.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field, fields
+import typing
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Optional
 
 import yaml
 
 from pyfast._io import atomic_write_text
+from pyfast.data.spec import DEFAULT_MAX_SKIP_FRACTION, parse_data_spec
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BOX_LOSS_MODES = ("iou", "giou", "diou", "ciou")
+CACHE_DTYPES = ("fp16", "bf16")
+DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
 
 
 class ConfigError(ValueError):
     """A configuration value or file that cannot be used."""
 
 
+@dataclass(frozen=True)
+class Option:
+    """What a field means and accepts (the metadata of a TrainConfig field).
+
+    minimum / maximum: inclusive bounds; above: an exclusive lower bound; choices: the accepted
+    values; metavar: the flag's placeholder; default_text: how help shows the default.
+    """
+
+    help: str
+    group: str
+    minimum: float | None = None
+    maximum: float | None = None
+    above: float | None = None
+    below: float | None = None
+    choices: tuple | None = None
+    metavar: str | None = None
+    default_text: str | None = None
+
+
+def option(default=MISSING, *, factory=MISSING, **meta):
+    return field(default=default, default_factory=factory, metadata={"option": Option(**meta)})
+
+
 @dataclass
 class TrainConfig:
-    # data
-    data: list = field(default_factory=list)  # --data specs; empty: the embedded synthetic set
-    synthetic_samples: int = 512
-    image_size: int = 128
-    data_seed: int = 0
-    val_fraction: float = 0.125
-    max_skip_fraction: float = 0.05
-    workers: Optional[int] = None  # None: 0 on CPU (the loop is compute-bound), 2 on CUDA
-    # input-box noise (fractions of the box size), deterministic in (seed, epoch, sample)
-    jitter_shift: float = 0.15
-    jitter_scale: float = 0.2
-    # schedule
-    epochs: int = 12
-    max_steps: Optional[int] = None  # a total across resumes; the lr schedule still spans --epochs
-    batch_size: int = 16
-    accumulate: int = 1
-    lr: float = 1e-2
-    weight_decay: float = 1e-4
-    warmup_steps: int = 20
-    clip_norm: float = 1.0  # <= 0: no clipping
-    precision: str = "auto"
-    device: str = "auto"
-    seed: int = 0
-    # model
-    backbone: Optional[str] = None  # module:callable; None: the built-in TinyBackbone
-    roi_size: int = 14
-    context: float = 1.5
-    hidden: int = 64
-    iou_head: bool = True
-    box_loss: str = "giou"
-    box_weight: float = 1.0
-    mask_weight: float = 1.0
-    iou_weight: float = 0.5
-    # run
-    out: Optional[str] = None
-    cache_dir: Optional[str] = None  # None: <out>/cache; "off": no cache
-    checkpoint_every: int = 0  # optimizer steps between 'last' checkpoints (0: every epoch only)
-    max_nonfinite_in_a_row: int = 10
-    fast: bool = False
+    # ---- data
+    data: list = option(
+        factory=list, group="data", metavar="KIND:PATH[,key=value...]", default_text="the embedded synthetic set",
+        help="a data source, repeatable. KIND: synthetic, npz (a folder of .npz files) or coco (an instances "
+        "JSON, with images=DIR). Options: optional=1 (skip when missing), max_samples=N; synthetic: "
+        "num_samples=N,image_size=S,seed=K",
+    )
+    synthetic_samples: int = option(512, group="data", minimum=1, metavar="N",
+                                    help="samples of the embedded synthetic set used when no --data is given")
+    data_seed: int = option(0, group="data", minimum=0, metavar="K", help="seed of the embedded synthetic set")
+    image_size: int = option(128, group="data", minimum=32, metavar="S",
+                             help="square input size: every image is letterboxed to S x S")
+    val_fraction: float = option(0.125, group="data", above=0.0, below=1.0, metavar="F",
+                                 help="fraction of the samples held out for validation (a fixed split)")
+    max_skip_fraction: float = option(DEFAULT_MAX_SKIP_FRACTION, group="data", minimum=0.0, maximum=1.0, metavar="F",
+                                      help="stop when more than this fraction of the samples fail to load")
+    workers: Optional[int] = option(None, group="data", minimum=0, metavar="N", default_text="0 on CPU, 2 on CUDA",
+                                    help="DataLoader worker processes (they also read the feature cache)")
+    jitter_shift: float = option(0.15, group="data", minimum=0.0, metavar="X",
+                                 help="input-box noise: centre shift, as a fraction of the box size")
+    jitter_scale: float = option(0.2, group="data", minimum=0.0, metavar="X",
+                                 help="input-box noise: width and height scaled by exp(U(-X, X))")
+    # ---- schedule
+    epochs: int = option(12, group="schedule", minimum=1, metavar="N", help="passes over the training set")
+    max_steps: Optional[int] = option(None, group="schedule", minimum=1, metavar="N", default_text="none",
+                                      help="stop after N optimizer steps in all, counted across resumes "
+                                      "(the lr schedule still spans --epochs)")
+    batch_size: int = option(16, group="schedule", minimum=1, metavar="B", help="samples per micro-batch")
+    accumulate: int = option(1, group="schedule", minimum=1, metavar="N", help="micro-batches per optimizer step")
+    lr: float = option(1e-2, group="schedule", above=0.0, metavar="X", help="peak learning rate (AdamW)")
+    weight_decay: float = option(1e-4, group="schedule", minimum=0.0, metavar="X",
+                                 help="AdamW weight decay (not applied to biases and norms)")
+    warmup_steps: int = option(20, group="schedule", minimum=0, metavar="N",
+                               help="linear warm-up steps before the cosine decay")
+    clip_norm: float = option(1.0, group="schedule", metavar="X", help="gradient norm bound (<= 0: no clipping)")
+    precision: str = option("auto", group="schedule", choices=PRECISIONS,
+                            help="auto: bf16 autocast on CUDA (fp16 + GradScaler where bf16 is unsupported), fp32 on CPU")
+    device: str = option("auto", group="schedule", metavar="DEVICE", help=f"{DEVICE_FORMS} (auto: cuda when available)")
+    seed: int = option(0, group="schedule", minimum=0, metavar="K", help="seed of the heads' init, data order and box noise")
+    # ---- model
+    backbone: Optional[str] = option(None, group="model", metavar="MODULE:CALLABLE", default_text="a small seeded conv stack",
+                                     help="frozen feature extractor: a callable building an nn.Module that maps "
+                                     "(B, 3, S, S) images in [0, 1] to a tensor, tuple or dict of (B, C, h, w) maps")
+    feature_maps: list = option(factory=list, group="model", metavar="NAME", default_text="the only map, or the last",
+                                help="the backbone output maps the heads use, by name (a tensor is 'features', a "
+                                "tuple's maps are '0', '1', ...); every map is cached")
+    roi_size: int = option(14, group="model", minimum=2, metavar="R", help="RoIAlign output size of the heads")
+    context: float = option(1.5, group="model", minimum=1.0, metavar="X", help="each box's RoI is widened by this factor")
+    hidden: int = option(64, group="model", minimum=1, metavar="C", help="channels of the heads' conv layers")
+    iou_head: bool = option(True, group="model", help="predict each mask's IoU (trained towards pyfast.mask_iou)")
+    box_loss: str = option("giou", group="model", choices=BOX_LOSS_MODES, help="IoU variant of the box loss")
+    box_weight: float = option(1.0, group="model", minimum=0.0, metavar="W", help="weight of the box loss")
+    mask_weight: float = option(1.0, group="model", minimum=0.0, metavar="W", help="weight of the mask loss")
+    iou_weight: float = option(0.5, group="model", minimum=0.0, metavar="W", help="weight of the IoU head's loss")
+    # ---- run
+    out: Optional[str] = option(None, group="run", metavar="RUN_DIR", default_text="runs/train-DATE-TIME",
+                                help="run directory; one that already holds a run is refused (continue it with --resume)")
+    cache_dir: Optional[str] = option(None, group="run", metavar="DIR", default_text="RUN_DIR/cache",
+                                      help="feature cache folder, shareable between runs; off: no cache")
+    cache_dtype: str = option("fp16", group="run", choices=CACHE_DTYPES,
+                              help="storage dtype of the features (bf16 for encoders beyond float16's range)")
+    checkpoint_every: int = option(0, group="run", minimum=0, metavar="N",
+                                   help="also save checkpoints/last.pt every N optimizer steps (0: at epoch ends)")
+    max_nonfinite_in_a_row: int = option(10, group="run", minimum=1, metavar="N",
+                                         help="stop after N optimizer steps in a row with a non-finite loss or gradient")
+    fast: bool = option(False, group="run", help="the quick preset (recorded; the --fast flag applies FAST)")
 
     def validate(self) -> "TrainConfig":
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ConfigError(message)
-
-        for name in ("synthetic_samples", "image_size", "epochs", "batch_size", "accumulate", "roi_size", "hidden"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("warmup_steps", "checkpoint_every", "data_seed", "seed"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, f"{name} must be an integer >= 0, got {value!r}")
-        need(self.image_size >= 32, f"image_size must be >= 32, got {self.image_size}")
-        need(self.max_steps is None or (isinstance(self.max_steps, int) and self.max_steps >= 1), f"max_steps must be >= 1, got {self.max_steps!r}")
-        need(self.workers is None or (isinstance(self.workers, int) and self.workers >= 0), f"workers must be >= 0, got {self.workers!r}")
-        need(0.0 < self.val_fraction < 1.0, f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        need(0.0 <= self.max_skip_fraction <= 1.0, f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
-        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        need(self.jitter_shift >= 0 and self.jitter_scale >= 0, "jitter_shift and jitter_scale must be >= 0")
-        need(self.context >= 1.0, f"context must be >= 1, got {self.context}")
-        need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        need(self.box_loss in BOX_LOSS_MODES, f"box_loss must be one of {', '.join(BOX_LOSS_MODES)}, got {self.box_loss!r}")
-        need(self.max_nonfinite_in_a_row >= 1, "max_nonfinite_in_a_row must be >= 1")
-        need(isinstance(self.data, list) and all(isinstance(d, str) for d in self.data), "data must be a list of KIND:PATH strings")
+        """Every field coerced and checked (the same checks as flags and YAML values), then the data
+        specs parsed. Returns self; raises ConfigError naming the field."""
+        for f in fields(self):
+            setattr(self, f.name, coerce(f.name, getattr(self, f.name)))
+        for text in self.data:
+            try:
+                parse_data_spec(text)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
         return self
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def data_specs(self) -> list:
+        """The SourceSpecs to train on: `data`, or the embedded synthetic set at `image_size`."""
+        texts = self.data or [
+            f"synthetic:,num_samples={self.synthetic_samples},image_size={self.image_size},seed={self.data_seed}"
+        ]
+        return [parse_data_spec(text) for text in texts]
 
 
 # The quick preset: small images, a small set, a short schedule, the cache on.
@@ -103,44 +157,134 @@ FAST = {
     "fast": True,
 }
 
-_FIELDS = {f.name for f in fields(TrainConfig)}
+FIELDS = {f.name: f for f in fields(TrainConfig)}
+_TYPES = typing.get_type_hints(TrainConfig)
 
 
-def check_keys(values: dict, where: str) -> None:
-    unknown = sorted(set(values) - _FIELDS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)} (known: {', '.join(sorted(_FIELDS))})")
+def flag_name(name: str) -> str:
+    """The command-line flag of field `name`: `--batch-size` for batch_size."""
+    return "--" + name.replace("_", "-")
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """YAML gives ints for floats like `1` and strings for `1e-3`; bring them to the field's type."""
-    current = TrainConfig.__dataclass_fields__[name].type
-    if value is None:
-        return None
-    if "float" in str(current) and isinstance(value, (int, str)) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"{name} must be a number, got {value!r}") from None
-    if name == "data" and isinstance(value, str):
-        return [value]
+def option_of(name: str) -> Option:
+    return FIELDS[name].metadata["option"]
+
+
+def default_of(name: str) -> Any:
+    f = FIELDS[name]
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def kind_of(name: str) -> tuple[type, bool]:
+    """(base type, optional) of a field: int, float, str, bool or list."""
+    hint = _TYPES[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = typing.get_origin(hint) is typing.Union
+    base = args[0] if optional else hint
+    return (typing.get_origin(base) or base), optional
+
+
+def _bounds(opt: Option) -> str:
+    parts = []
+    if opt.minimum is not None:
+        parts.append(f">= {opt.minimum:g}")
+    if opt.above is not None:
+        parts.append(f"> {opt.above:g}")
+    if opt.maximum is not None:
+        parts.append(f"<= {opt.maximum:g}")
+    if opt.below is not None:
+        parts.append(f"< {opt.below:g}")
+    return " and ".join(parts)
+
+
+def coerce(name: str, value: Any, label: str | None = None) -> Any:
+    """`value` for field `name` in the field's type, checked against its limits.
+
+    Strings are parsed (flags arrive as text; YAML gives `1e-3` as a string); YAML's ints become
+    floats where the field is a float. `label` names the value in errors (e.g. `--lr` or
+    `run.yaml: lr`); default: the field name. Raises ConfigError.
+    """
+    label = label or name
+    base, optional = kind_of(name)
+    opt = option_of(name)
+    bounds = _bounds(opt)
+
+    def fail(expected: str) -> typing.NoReturn:
+        raise ConfigError(f"{label} must be {expected}, got {value!r}")
+
+    if value is None or (optional and base is int and isinstance(value, str) and value.strip().lower() in ("none", "auto")):
+        if optional:
+            return None
+        fail("set" if base is not list else "a list")
+    if base is bool:
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if base is int:
+        if isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                fail("an integer" + (f" {bounds}" if bounds else ""))
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an integer" + (f" {bounds}" if bounds else ""))
+        number = value
+    elif base is float:
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                fail("a number" + (f" {bounds}" if bounds else ""))
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail("a number" + (f" {bounds}" if bounds else ""))
+        value = float(value)
+        number = value
+    elif base is str:
+        if not isinstance(value, str) or not value:
+            fail("a non-empty string")
+        number = None
+    else:  # list of str
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+            fail("a list of non-empty strings")
+        value = list(value)
+        number = None
+    if number is not None:
+        if (
+            (opt.minimum is not None and number < opt.minimum)
+            or (opt.maximum is not None and number > opt.maximum)
+            or (opt.above is not None and number <= opt.above)
+            or (opt.below is not None and number >= opt.below)
+        ):
+            fail(("an integer " if base is int else "a number ") + bounds)
+    if opt.choices is not None and value not in opt.choices:
+        fail(f"one of {', '.join(map(str, opt.choices))}")
     return value
 
 
+def check_keys(values: dict, where: str) -> None:
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)} (known: {', '.join(sorted(FIELDS))})")
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
+    """The options in a YAML file, coerced and checked; every failure is a one-line ConfigError naming the file."""
+    where = f"config file {os.fspath(path)!r}"
     try:
         with open(path, encoding="utf-8") as handle:
             values = yaml.safe_load(handle)
     except FileNotFoundError:
-        raise ConfigError(f"config file {os.fspath(path)!r} does not exist") from None
+        raise ConfigError(f"{where} does not exist") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file {os.fspath(path)!r} is not valid YAML: {error}".replace("\n", " ")) from None
+        raise ConfigError(f"{where} is not valid YAML: {error}".replace("\n", " ")) from None
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise ConfigError(f"config file {os.fspath(path)!r} must hold a mapping of option: value")
-    check_keys(values, os.fspath(path))
-    return values
+        raise ConfigError(f"{where} must hold a mapping of option: value")
+    check_keys(values, where)
+    return {name: coerce(name, value, f"{where}: {name}") for name, value in values.items()}
 
 
 def build_config(*layers: dict) -> TrainConfig:
@@ -148,12 +292,8 @@ def build_config(*layers: dict) -> TrainConfig:
     merged: dict = {}
     for layer in layers:
         check_keys(layer, "config")
-        merged.update({k: _coerce(k, v) for k, v in layer.items()})
-    try:
-        config = TrainConfig(**merged)
-    except TypeError as error:  # pragma: no cover - keys were checked
-        raise ConfigError(str(error)) from None
-    return config.validate()
+        merged.update(layer)
+    return TrainConfig(**merged).validate()
 
 
 def save_config(config: TrainConfig, path) -> None:

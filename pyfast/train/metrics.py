@@ -44,21 +44,45 @@ def truncate_after(path, step: int) -> None:
     atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
-class MetricsLog:
-    """Appends records to a JSONL file (flushed per record) and mirrors scalars to TensorBoard."""
+_told = set()  # what this process already said about TensorBoard
 
-    def __init__(self, path, tensorboard_dir=None):
+
+def _say_once(message: str, log) -> None:
+    if message not in _told:
+        _told.add(message)
+        log(message)
+
+
+class MetricsLog:
+    """Appends records to a JSONL file (flushed per record) and mirrors scalars to TensorBoard.
+
+    TensorBoard is optional: when it is not installed (or its writer fails to start) the log says
+    so once per process, and the metrics go to the JSONL file only.
+    """
+
+    def __init__(self, path, tensorboard_dir=None, log=print):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._handle = open(self.path, "a", encoding="utf-8")
         self._tb = None
         if tensorboard_dir is not None:
-            try:  # optional: only when tensorboard is installed
+            try:
                 from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                _say_once("TensorBoard is not installed: metrics go to metrics.jsonl only (pip install tensorboard "
+                          "for TensorBoard logs)", log)
+            else:
+                try:
+                    self._tb = SummaryWriter(os.fspath(tensorboard_dir))
+                except Exception as error:
+                    _say_once(f"warning: TensorBoard writer failed to start ({type(error).__name__}: {error}); "
+                              "metrics go to metrics.jsonl only", log)
 
-                self._tb = SummaryWriter(os.fspath(tensorboard_dir))
-            except Exception:
-                self._tb = None
+    def __enter__(self) -> "MetricsLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def write(self, record: dict, prefix: str = "train") -> None:
         self._handle.write(json.dumps(_clean(record)) + "\n")
@@ -74,6 +98,8 @@ class MetricsLog:
                     self._tb.add_scalar(f"{prefix}/{key}", value, step)
 
     def close(self) -> None:
-        self._handle.close()
+        if not self._handle.closed:
+            self._handle.close()
         if self._tb is not None:
             self._tb.close()
+            self._tb = None

@@ -7,6 +7,43 @@ import json
 from pyfast._io import atomic_write_text
 
 
+def summarize(run, status: str) -> dict:
+    """summary.json's dict: what ran (backend, device, precision, world size), how fast, how well."""
+    stats, last = run.stats, run.stats.last_val
+    warm_cache = stats.warm.cache
+    micro_per_epoch = run.data.micro_per_epoch
+    return {
+        "status": status,
+        "steps": run.progress.step,
+        "epochs": run.progress.epoch + run.progress.micro / micro_per_epoch,
+        "steps_per_epoch": run.steps_per_epoch,
+        "backend": run.backend,
+        "device": str(run.device),
+        "precision": run.precision,
+        "world_size": run.world_size,
+        "s_per_batch_cold": stats.cold.s_per_batch,
+        "s_per_batch_warm": stats.warm.s_per_batch,
+        "cache": run.features.cache is not None,
+        "cache_hit_rate": warm_cache.hit_rate,
+        "cache_lookups_warm": warm_cache.lookups,
+        "val_iou_input": last.get("val_iou_input"),
+        "val_iou_refined": last.get("val_iou_refined"),
+        "val_mask_iou": last.get("val_mask_iou"),
+        "val_ap_input": last.get("val_ap_input"),
+        "val_ap_refined": last.get("val_ap_refined"),
+        "best_val_iou_refined": stats.best_val_iou,
+        "nonfinite_steps": run.guard.total,
+        "scaler_skipped_steps": stats.scaler_skips,
+        "skipped_samples": run.skips.count,
+        "warm_step_share": stats.warm_steps.shares(),
+        "train_samples": len(run.data.train_indices),
+        "val_samples": len(run.data.val_indices),
+        "wall_s": sum(stats.segments),
+        "wall_segments_s": list(stats.segments),
+        "run_dir": str(run.paths.path),
+    }
+
+
 def write_summary(path, summary: dict) -> None:
     atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
 
@@ -20,20 +57,24 @@ def _fmt(value, spec: str = ".3f") -> str:
 
 
 def format_table(summary: dict) -> str:
+    wall = f"{_fmt(summary.get('wall_s'), '.1f')} s"
+    refined = _fmt(summary.get("val_iou_refined"))
+    hit_rate = _fmt(summary.get("cache_hit_rate")) if summary.get("cache", True) else "off"
     rows = [
         ("status", summary.get("status")),
         ("steps / epochs", f"{summary.get('steps')} / {_fmt(summary.get('epochs'), '.2f')}"),
         ("device / precision", f"{summary.get('device')} / {summary.get('precision')}"),
+        ("ops backend / world size", f"{summary.get('backend')} / {summary.get('world_size')}"),
         ("s/batch cold (epoch 1)", _fmt(summary.get("s_per_batch_cold"))),
         ("s/batch warm (later)", _fmt(summary.get("s_per_batch_warm"))),
-        ("cache hit rate (after epoch 1)", _fmt(summary.get("cache_hit_rate"))),
+        ("cache hit rate (after epoch 1)", hit_rate),
         ("val IoU input boxes", _fmt(summary.get("val_iou_input"))),
-        ("val IoU refined boxes", _fmt(summary.get("val_iou_refined"))),
+        ("val IoU refined boxes", refined),
         ("val mask IoU", _fmt(summary.get("val_mask_iou"))),
         ("val box AP input / refined", f"{_fmt(summary.get('val_ap_input'))} / {_fmt(summary.get('val_ap_refined'))}"),
         ("skipped samples", summary.get("skipped_samples")),
         ("non-finite steps", summary.get("nonfinite_steps")),
-        ("wall time", f"{_fmt(summary.get('wall_s'), '.1f')} s"),
+        ("wall time", wall),
         ("run directory", summary.get("run_dir")),
     ]
     width = max(len(k) for k, _ in rows)

@@ -73,6 +73,23 @@ def test_put_refuses_bad_values_and_stores_nothing(tmp_path):
     assert "k" not in cache and cache.stats.puts == 0
 
 
+def test_put_of_a_ready_packed_stores_it_without_a_second_cast(tmp_path):
+    from pyfast.cache import Packed, TensorStats, pack
+
+    cache = FeatureCache(tmp_path, "fp")
+    packed = pack(features())
+    assert cache.put("a", packed) > 0
+    assert_features(cache.get("a"), features())
+    bad = Packed(packed.buffer, {"features": (0, (16, 8, 8))}, stats={"features": TensorStats(0, 3, 1e9)})
+    with pytest.raises(OverflowError, match="'features'"):
+        cache.put("b", bad)
+    with pytest.raises(TypeError, match="bfloat16"):
+        cache.put("c", pack(features(), dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="without statistics"):
+        cache.put("d", Packed(packed.buffer, {"features": (0, (16, 8, 8))}))
+    assert cache.get("b") is None and cache.stats.puts == 1
+
+
 @pytest.mark.parametrize("keep", [0, 7, 8, 100, -2])
 def test_truncated_entry_is_corrupt_removed_and_a_miss(tmp_path, keep):
     cache = FeatureCache(tmp_path, "fp")

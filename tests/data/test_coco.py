@@ -8,7 +8,7 @@ import pytest
 from pycocotools.coco import COCO
 
 from pyfast.data import CocoSource
-from pyfast.data.packed import PackedBytes
+from pyfast.data.compact import PackedBytes
 
 from .builders import COCO_GOOD, load_all
 

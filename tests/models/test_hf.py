@@ -131,7 +131,8 @@ def test_one_map_by_default_and_probe_sees_it(models):
     backbone = load_backbone(f"hf:{models['sam-full'][0]}", log=None)
     out = backbone(torch.rand(1, 3, 64, 64))
     assert isinstance(out, torch.Tensor) and out.shape == (1, 16, 8, 8)
-    assert probe(backbone, 64) == (16, 8)
+    maps = probe(backbone, 64)
+    assert list(maps) == ["features"] and (maps["features"].channels, maps["features"].stride) == (16, 8)
     report = backbone.weights_report  # the full SAM directory: the decoder's tensors are left out
     assert report.complete and report.unexpected and all(
         k.startswith(("mask_decoder.", "prompt_encoder.", "shared_image_embedding.")) for k in report.unexpected)
@@ -163,7 +164,7 @@ def test_preprocessing_matches_the_image_processor(models):
     image = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
     sample = Sample(image=image, prompt_boxes=np.zeros((1, 4), np.float32), boxes=np.zeros((1, 4), np.float32),
                     masks=np.zeros((1, 96, 128), bool), key="k", source="s", file="f")
-    boxed = Letterbox(64)(sample).image[None]
+    boxed = Letterbox(64)(sample).image[None].float() / 255  # uint8 (3, S, S); the trainer divides on the device
     folder = models["sam-vision"][0]
     backbone = load_backbone(f"hf:{folder}", log=None)
     ours = backbone.normalize(boxed)

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from pyfast.models import BackboneError, Refiner, TinyBackbone, load_backbone, probe
-from pyfast.models.refiner import decode, flatten_boxes, mask_targets
+from pyfast.models import BackboneError, FeatureMap, Refiner, TinyBackbone, feature_maps, load_backbone, probe
+from pyfast.models.refiner import decode, flatten_boxes
 
 
 def test_tiny_backbone_is_seeded_frozen_and_probed():
@@ -14,7 +14,7 @@ def test_tiny_backbone_is_seeded_frozen_and_probed():
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb) and not pa.requires_grad
     assert not a.training
-    assert probe(a, 64) == (64, 4)
+    assert probe(a, 64) == {"features": FeatureMap("features", channels=64, size=16, stride=4)}
     assert not torch.equal(TinyBackbone(seed=1).body[0].weight, a.body[0].weight)
 
 
@@ -29,7 +29,7 @@ def test_load_backbone_spec_errors_and_plugin(monkeypatch):
     mod.notmodule = lambda: 3
     monkeypatch.setitem(sys.modules, "fake_bb", mod)
     bb = load_backbone("fake_bb:make")
-    assert probe(bb, 64) == (5, 8)
+    assert probe(bb, 64) == {"features": FeatureMap("features", 5, 8, 8)}
     with pytest.raises(BackboneError, match=r"\(B, C, h, w\)"):
         probe(load_backbone("fake_bb:bad"), 32)
     with pytest.raises(BackboneError, match="nn.Module"):
@@ -56,9 +56,45 @@ def test_decode_moves_edges_in_window_units():
     torch.testing.assert_close(out, torch.tensor([[2.0, -4.0, 10.0, 40.0]]))
 
 
-def test_mask_targets_crop_the_window():
-    masks = torch.zeros(1, 32, 32, dtype=torch.bool)
-    masks[0, 8:24, 8:16] = True  # left half of the window [8, 24) x [8, 24)
-    t = mask_targets(masks, torch.tensor([[0, 8.0, 8.0, 24.0, 24.0]]), 8)
-    assert t.dtype == torch.bool and t.shape == (1, 8, 8)
-    assert t[0, :, :4].all() and not t[0, :, 4:].any()
+class MultiLevel(nn.Module):
+    """An encoder with an early and a late map, returned as a tuple or a dict."""
+
+    def __init__(self, as_dict=False):
+        super().__init__()
+        self.early = nn.Conv2d(3, 6, 4, stride=4)
+        self.late = nn.Conv2d(6, 10, 2, stride=2)
+        self.as_dict = as_dict
+
+    def forward(self, x):
+        early = self.early(x)
+        late = self.late(early)
+        return {"early": early, "late": late} if self.as_dict else (early, late)
+
+
+def test_tuple_and_dict_outputs_are_named_and_each_map_probed():
+    assert probe(MultiLevel(), 64) == {"0": FeatureMap("0", 6, 16, 4), "1": FeatureMap("1", 10, 8, 8)}
+    assert list(probe(MultiLevel(as_dict=True), 64)) == ["early", "late"]
+    t = torch.zeros(1, 2, 4, 4)
+    assert list(feature_maps(t)) == ["features"]
+    with pytest.raises(BackboneError, match="'1' must be a"):
+        feature_maps((t, torch.zeros(1, 2)))
+    with pytest.raises(BackboneError, match="tensor, a tuple or a dict"):
+        feature_maps(3)
+    with pytest.raises(BackboneError, match="map names"):
+        feature_maps({0: t})
+    odd = nn.Conv2d(3, 2, 3, stride=3)  # 64 -> 21: does not divide
+    with pytest.raises(BackboneError, match="divides the input"):
+        probe(odd, 64)
+
+
+def test_refiner_pools_several_maps_at_their_strides():
+    torch.manual_seed(0)
+    model = Refiner(in_channels=[6, 10], stride=[4, 8], roi_size=4)
+    boxes, index = flatten_boxes([torch.tensor([[4.0, 4.0, 40.0, 30.0]])])
+    out = model([torch.randn(1, 6, 16, 16), torch.randn(1, 10, 8, 8)], boxes, index)
+    assert out.refined.shape == (1, 4) and out.mask_logits.shape == (1, 8, 8)
+    assert model.box_head.trunk[0].in_channels == 16
+    with pytest.raises(ValueError, match="2 feature map"):
+        model(torch.randn(1, 6, 16, 16), boxes, index)
+    with pytest.raises(ValueError, match="same maps"):
+        Refiner([6, 10], [4])

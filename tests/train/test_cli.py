@@ -2,12 +2,14 @@ import json
 
 import yaml
 
+from pyfast import native_available
 from pyfast.cli.train import main
 from pyfast.train.metrics import read_jsonl
 
 SUMMARY_KEYS = {
     "steps", "epochs", "device", "s_per_batch_cold", "s_per_batch_warm", "cache_hit_rate", "val_iou_input",
     "val_iou_refined", "val_mask_iou", "val_ap_input", "val_ap_refined", "nonfinite_steps", "skipped_samples",
+    "backend", "precision", "world_size",
 }
 
 
@@ -19,7 +21,10 @@ def test_tiny_run_end_to_end(tmp_path, tiny_args, tiny_yaml, capsys):
 
     summary = json.loads((out / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
-    assert summary["status"] == "completed" and summary["device"] == "cpu"
+    assert summary["status"] == "completed" and summary["device"] == "cpu" and summary["precision"] == "fp32"
+    assert summary["backend"] == ("native cpu" if native_available("cpu") else summary["backend"])
+    assert summary["backend"].startswith(("native", "reference")) and summary["world_size"] == 1
+    assert f"{summary['backend']} / 1" in table
     assert summary["steps"] == 2 * summary["steps_per_epoch"] == 10  # 35 train samples / 8 → 5 steps
     assert summary["cache_hit_rate"] == 1.0  # the second epoch (and its validation) reads only the cache
     assert summary["nonfinite_steps"] == 0 and summary["skipped_samples"] == 0

@@ -3,24 +3,24 @@ import math
 import pytest
 import torch
 
-from pyfast.train import TrainingDiverged, Trainer, build_config
+from pyfast.train import TrainingDiverged, build_config, prepare, train
 from pyfast.train.guards import NonFiniteGuard
 from pyfast.train.metrics import read_jsonl
+from pyfast.train.summary import summarize
 
 
-def _trainer(tmp_path, tiny_config, name, hook=None, **more):
-    cfg = build_config(tiny_config, {"out": str(tmp_path / name), **more})
-    return Trainer(cfg, loss_hook=hook, progress=False, log=lambda *a: None)
+def _run(tmp_path, tiny_config, name, **more):
+    return prepare(build_config(tiny_config, {"out": str(tmp_path / name), **more}), log=lambda *a: None)
 
 
 def test_planted_nan_is_skipped_and_counted(tmp_path, tiny_config):
     def plant(step, loss):
         return loss * float("nan") if step == 3 else loss
 
-    ref = _trainer(tmp_path, tiny_config, "ref", max_steps=2)
-    ref.run()
-    bad = _trainer(tmp_path, tiny_config, "bad", plant, max_steps=3)
-    summary = bad.run()
+    ref = _run(tmp_path, tiny_config, "ref", max_steps=2)
+    train(ref, progress_bar=False)
+    bad = _run(tmp_path, tiny_config, "bad", max_steps=3)
+    summary = train(bad, loss_hook=plant, progress_bar=False)
     assert summary["nonfinite_steps"] == 1
     # the skipped step touched nothing: model, optimizer and scheduler are as after step 2
     for (name, a), b in zip(ref.model.state_dict().items(), bad.model.state_dict().values()):
@@ -37,10 +37,10 @@ def test_planted_nan_is_skipped_and_counted(tmp_path, tiny_config):
 
 
 def test_many_nonfinite_in_a_row_stop_the_run(tmp_path, tiny_config):
-    trainer = _trainer(tmp_path, tiny_config, "div", lambda step, loss: loss * math.inf, max_nonfinite_in_a_row=3)
+    run = _run(tmp_path, tiny_config, "div", max_nonfinite_in_a_row=3)
     with pytest.raises(TrainingDiverged, match="3 optimizer steps in a row"):
-        trainer.run()
-    summary = trainer.summary("x")
+        train(run, loss_hook=lambda step, loss: loss * math.inf, progress_bar=False)
+    summary = summarize(run, "x")
     assert summary["nonfinite_steps"] == 3 and summary["steps"] == 3
     assert (tmp_path / "div" / "summary.json").exists()
 

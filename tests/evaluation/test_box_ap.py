@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from pyfast.data import coco_box_ap
+from pyfast.evaluation import coco_box_ap
 
 GT = [np.array([[10, 10, 50, 50], [60, 20, 90, 80]], np.float32), np.array([[0, 0, 30, 40]], np.float32)]
 

@@ -1,4 +1,4 @@
-"""Many strings or byte strings held as one numpy buffer plus offsets.
+"""Compact, fork-friendly storage of many strings or byte strings: one numpy buffer plus offsets.
 
 DataLoader workers are forked from the main process. A Python list of str (or a dict of COCO
 annotations) is touched on every access (reference counts), so each worker slowly copies every

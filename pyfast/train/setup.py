@@ -1,0 +1,372 @@
+"""Building a run: every input validated first, the run directory touched last.
+
+    config, checkpoint = plan_resume(run_dir, layers)      # only for --resume
+    run = prepare(config, resume=checkpoint)               # data, backbone + features, model + optimizer
+    summary = pyfast.train.loop.train(run)
+
+`prepare` opens the data sources, loads and probes the backbone, builds the heads, optimizer,
+scheduler and scaler, restores a checkpoint when resuming, and checks that the output folders are
+writable, all before creating anything on disk: a start that fails leaves no run directory, and a
+refused `--resume` leaves the run's config.yaml as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from pyfast import _native
+from pyfast.cache import FeatureCache
+from pyfast.data import Letterbox, RobustDataset, SkipTracker, build_sources, collate
+from pyfast.models import BackboneError, FeatureMap, Refiner, load_backbone, probe
+from pyfast.train.checkpoint import CheckpointError, load_checkpoint, load_state_dict_checked, save_checkpoint
+from pyfast.train.config import ConfigError, TrainConfig, build_config, save_config
+from pyfast.train.features import STORE_DTYPES, CachedFeatures, FeatureProvider, feature_fingerprint
+from pyfast.train.guards import NonFiniteGuard
+from pyfast.train.metrics import truncate_after
+from pyfast.train.objective import LossWeights
+from pyfast.train.rundir import RunDir, RunDirError, default_run_dir
+from pyfast.train.state import Progress, RngState, RunStats
+
+SPLIT_SEED = 20261123  # the train/val split does not move with --seed: runs compare on one val set
+CHECKPOINT_FORMAT = "pyfast.train/2"
+
+
+# ---------------------------------------------------------------------------------------- devices
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ConfigError(f"--device {name!r}: {error}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto: bf16 on CUDA GPUs that support it, fp16 (with a GradScaler) on older ones, fp32 on CPU."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def describe_backend(device: torch.device) -> str:
+    """Which implementation of the pyfast ops runs on `device`: native kernels or the reference twins."""
+    if _native.backend_setting() == "reference":
+        return "reference (PYFAST_BACKEND=reference)"
+    if _native.native_available(device.type):
+        return f"native {device.type}"
+    return f"reference (no native {device.type} kernels in this build)"
+
+
+def lr_lambda(warmup: int, total: int, floor: float = 0.05) -> Callable[[int], float]:
+    """Linear warm-up over `warmup` steps, then a cosine decay to `floor` at step `total`."""
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class TrainData:
+    """The data set of a run, split once into training and validation indices (global indices of
+    `dataset`), and the DataLoaders over them.
+
+    The order of an epoch is a pure function of (seed, epoch): a checkpoint records its position
+    as (epoch, micro-batch) and a resumed run continues exactly there.
+    """
+
+    dataset: RobustDataset
+    train_indices: list
+    val_indices: list
+    batch_size: int
+    workers: int
+    pin_memory: bool
+    seed: int
+
+    @property
+    def micro_per_epoch(self) -> int:
+        # every training sample is met once an epoch (the last batch may be smaller), so the first
+        # epoch fills the feature cache completely
+        return math.ceil(len(self.train_indices) / self.batch_size)
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        perm = torch.randperm(len(self.train_indices), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        order = [self.train_indices[i] for i in perm.tolist()]
+        bs = self.batch_size
+        return [order[i * bs : (i + 1) * bs] for i in range(self.micro_per_epoch)]
+
+    def val_batches(self) -> list[list[int]]:
+        idx, bs = self.val_indices, self.batch_size
+        return [idx[i : i + bs] for i in range(0, len(idx), bs)]
+
+    def loader(self, batches: list[list[int]]) -> DataLoader:
+        return DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate, num_workers=self.workers,
+                          pin_memory=self.pin_memory)
+
+    def identity(self) -> dict:
+        """What a checkpoint's data position refers to: a resumed run must see the same set."""
+        return {"samples": len(self.dataset), "train": len(self.train_indices), "val": len(self.val_indices)}
+
+
+def build_data(cfg: TrainConfig, device: torch.device, log: Callable[[str], None]) -> TrainData:
+    """Open the sources (errors of the data layer propagate unchanged), letterbox, split."""
+    sources = build_sources(cfg.data_specs(), log=log)
+    dataset = RobustDataset(sources, preprocess=Letterbox(cfg.image_size))
+    n = len(dataset)
+    if n == 0:
+        raise ConfigError("no samples to train on: every data source is empty or missing")
+    n_val = max(1, int(round(n * cfg.val_fraction)))
+    if n - n_val < 1:
+        raise ConfigError(f"{n} samples leave none for training after the validation split (--val-fraction {cfg.val_fraction:g})")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
+    workers = cfg.workers if cfg.workers is not None else (2 if device.type == "cuda" else 0)
+    return TrainData(dataset, sorted(order[n_val:]), sorted(order[:n_val]), cfg.batch_size, workers,
+                     device.type == "cuda", cfg.seed)
+
+
+# ----------------------------------------------------------------------------- backbone, features
+
+
+def build_backbone(cfg: TrainConfig, device: torch.device):
+    """The frozen backbone on `device`, every map it returns (probed), and the maps the heads use."""
+    backbone = load_backbone(cfg.backbone).to(device)
+    expected = getattr(backbone, "input_size", None)
+    if expected is not None and int(expected) != cfg.image_size:
+        raise BackboneError(f"backbone {cfg.backbone} expects {expected}x{expected} inputs: set --image-size {expected}")
+    layout = probe(backbone, cfg.image_size, device)
+    if cfg.feature_maps:
+        unknown = [name for name in cfg.feature_maps if name not in layout]
+        if unknown:
+            raise ConfigError(f"--feature-maps: the backbone has no map {', '.join(map(repr, unknown))} "
+                              f"(its maps: {', '.join(repr(n) for n in layout)})")
+        use = list(cfg.feature_maps)
+    else:
+        use = [list(layout)[-1]]
+    return backbone, layout, use
+
+
+# ----------------------------------------------------------------------------- model, optimizer
+
+
+def build_model(cfg: TrainConfig, layout: dict[str, FeatureMap], use: list[str], device: torch.device) -> Refiner:
+    torch.manual_seed(cfg.seed)
+    return Refiner(
+        [layout[n].channels for n in use], [layout[n].stride for n in use], roi_size=cfg.roi_size,
+        context=cfg.context, hidden=cfg.hidden, iou_head=cfg.iou_head,
+    ).to(device)
+
+
+def build_optimizer(cfg: TrainConfig, model: Refiner, total_steps: int, device: torch.device, precision: str):
+    """AdamW (no decay on biases and norms), warm-up + cosine LambdaLR, GradScaler (on for fp16 only)."""
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.dim() <= 1]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, max(total_steps, 1)))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    return optimizer, scheduler, scaler
+
+
+class _CheckedModel:
+    """The model as a checkpoint entry: loads through `load_state_dict_checked`, refusing any mismatch."""
+
+    def __init__(self, model, log):
+        self.model, self.log = model, log
+
+    def state_dict(self):
+        return self.model.state_dict()
+
+    def load_state_dict(self, state):
+        load_state_dict_checked(self.model, state, min_fraction=1.0, log=self.log)
+
+
+# -------------------------------------------------------------------------------------------- run
+
+
+@dataclass
+class Run:
+    """Everything a training run is made of; `pyfast.train.loop.train(run)` trains it."""
+
+    cfg: TrainConfig
+    paths: RunDir
+    device: torch.device
+    precision: str
+    backend: str
+    world_size: int
+    data: TrainData
+    features: FeatureProvider
+    model: Refiner
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    weights: LossWeights
+    guard: NonFiniteGuard
+    skips: SkipTracker
+    progress: Progress
+    stats: RunStats
+    rng: RngState
+    log: Callable[[str], None]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.data.micro_per_epoch / self.cfg.accumulate)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.cfg.epochs
+
+    def autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        return contextlib.nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
+
+    def stateful(self) -> dict:
+        """Every object whose state a checkpoint holds, by checkpoint key: the one list that both
+        saving and restoring read."""
+        return {
+            "model": _CheckedModel(self.model, self.log),
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "scaler": self.scaler,
+            "guard": self.guard,
+            "progress": self.progress,
+            "stats": self.stats,
+            "rng": self.rng,
+        }
+
+    def checkpoint(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.cfg.as_dict(),
+            "data": self.data.identity(),
+            "device": str(self.device),
+            **{name: obj.state_dict() for name, obj in self.stateful().items()},
+        }
+
+    def restore(self, payload: dict) -> None:
+        for name, obj in self.stateful().items():
+            obj.load_state_dict(payload[name])
+
+    def save(self, name: str = "last") -> Path:
+        path = self.paths.checkpoints / f"{name}.pt"
+        save_checkpoint(path, self.checkpoint())
+        return path
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+
+def plan_resume(run_dir, layers: list[dict], log: Callable[[str], None] = print) -> tuple[TrainConfig, dict]:
+    """The configuration and the checkpoint of a run to continue: the checkpoint's own config
+    updated by `layers` (--fast, --config, flags). Nothing is written."""
+    paths = RunDir(Path(run_dir))
+    if not paths.last.exists():
+        missing = "config.yaml and checkpoints/last.pt are" if not paths.config.exists() else "checkpoints/last.pt is"
+        raise RunDirError(f"--resume {run_dir}: no run to resume there ({missing} missing)")
+    checkpoint = load_checkpoint(paths.last)
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {paths.last} has format {checkpoint.get('format')!r}, this pyfast resumes "
+                              f"{CHECKPOINT_FORMAT!r}; start a new run")
+    try:
+        merged = build_config(checkpoint["config"], *layers, {"out": str(run_dir)})
+    except ConfigError as error:
+        raise CheckpointError(f"checkpoint {paths.last}: {error}") from None
+    return merged, checkpoint
+
+
+# ----------------------------------------------------------------------------------------- prepare
+
+
+def prepare(
+    config: TrainConfig,
+    *,
+    resume: Optional[dict] = None,
+    log: Callable[[str], None] = print,
+) -> Run:
+    """Build a run from `config` (and the checkpoint to continue, from `plan_resume`). Every check
+    happens before the run directory or the cache is created or written."""
+    cfg = config.validate()
+    paths = RunDir(Path(cfg.out) if cfg.out else default_run_dir())
+    cache_root = None
+    if cfg.cache_dir is None or cfg.cache_dir.lower() != "off":
+        cache_root = Path(cfg.cache_dir) if cfg.cache_dir else paths.cache
+
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    if precision == "fp16" and device.type == "cpu":
+        log("warning: fp16 on CPU is slow and needs a GradScaler; bf16 is the CPU choice")
+    if device.type == "cpu":
+        # As the heads sharpen, softmax and sigmoid tails fall into float32's subnormal range, where
+        # x86 arithmetic is many times slower (measured: 0.44 -> 0.05 s/batch warm for --fast).
+        # Flushing them to zero is process-wide and deterministic, so resumed runs stay exact.
+        torch.set_flush_denormal(True)
+    backend = describe_backend(device)
+    if backend.startswith("reference") and _native.backend_setting() != "reference":
+        log(f"warning: pyfast has no native {device.type} kernels in this build: the ops run their PyTorch reference twins")
+    seed_everything(cfg.seed)
+
+    data = build_data(cfg, device, log)
+    backbone, layout, use = build_backbone(cfg, device)
+    model = build_model(cfg, layout, use, device)
+    run = Run(
+        cfg=cfg, paths=paths, device=device, precision=precision, backend=backend, world_size=1, data=data,
+        features=None, model=model, optimizer=None, scheduler=None, scaler=None,
+        weights=LossWeights(cfg.box_weight, cfg.mask_weight, cfg.iou_weight, cfg.box_loss),
+        guard=NonFiniteGuard(cfg.max_nonfinite_in_a_row), skips=None, progress=Progress(), stats=RunStats(),
+        rng=RngState(), log=log,
+    )
+    run.optimizer, run.scheduler, run.scaler = build_optimizer(cfg, model, run.total_steps, device, precision)
+    skips = SkipTracker(len(data.dataset), max_fraction=cfg.max_skip_fraction, log_path=paths.skipped,
+                        resume=resume is not None)
+    run.skips = skips
+    store_dtype = STORE_DTYPES[cfg.cache_dtype]
+    fingerprint = feature_fingerprint(backbone, data.dataset.preprocess.fingerprint(), cfg.image_size, precision, store_dtype)
+
+    if resume is not None:
+        run.restore(resume)
+
+    # ---- everything checked: create and write
+    paths.path.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, paths.config)
+    cache = FeatureCache(cache_root, fingerprint, dtype=store_dtype) if cache_root is not None else None
+    if resume is not None:
+        truncate_after(paths.metrics, run.progress.step)
+        truncate_after(paths.val, run.progress.step)
+    run.features = FeatureProvider(backbone, layout, use, cache, device, run.autocast, store_dtype)
+    if cache is not None:
+        data.dataset.features = CachedFeatures(cache, layout, use)
+    if resume is not None:
+        p = run.progress
+        log(f"resumed {paths.path} at step {p.step} (epoch {p.epoch + 1}, batch {p.micro})")
+    return run
