@@ -7,7 +7,9 @@ computes the batch it restarts in exactly as the uninterrupted one did, so its s
 byte-identical. Bad samples come back as `SkippedSample` records, as in training.
 
 Any map-style dataset can be captured: items are `SkippedSample` records or objects with `image`
-((3, S, S) float tensor), `key` (str) and optionally `source` and `file`.
+((3, S, S) float tensor), `key` (str) and optionally `source` and `file`. Its identity in the
+manifest is its size and, when it has one, `fingerprint()` (a JSON value naming its content): give
+your dataset one, or a changed data set of the same size resumes as if it were the same.
 """
 
 from __future__ import annotations
@@ -85,8 +87,9 @@ def data_section(dataset) -> dict:
                 entry["generator"] = GENERATOR_VERSION
             described.append(entry)
     else:
+        own = getattr(dataset, "fingerprint", None)
         described.append({"label": type(dataset).__name__, "kind": type(dataset).__qualname__,
-                          "samples": len(dataset), "items": None})
+                          "samples": len(dataset), "items": own() if callable(own) else None})
     return {
         "sources": described,
         "samples": len(dataset),

@@ -72,6 +72,10 @@ def _short(digest: str) -> str:
     return digest[:12] if isinstance(digest, str) else str(digest)
 
 
+def _some(names: List[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
 def _layer_changes(old: dict, new: dict) -> str:
     before = {t["name"]: t for t in old["tensors"]}
     after = {t["name"]: t for t in new["tensors"]}
@@ -79,19 +83,21 @@ def _layer_changes(old: dict, new: dict) -> str:
     added = [n for n in after if n not in before]
     removed = [n for n in before if n not in after]
     if added:
-        parts.append("added " + ", ".join(added[:5]) + (f" (+{len(added) - 5})" if len(added) > 5 else ""))
+        parts.append(f"added {_some(added)}")
     if removed:
-        parts.append("removed " + ", ".join(removed[:5]) + (f" (+{len(removed) - 5})" if len(removed) > 5 else ""))
+        parts.append(f"removed {_some(removed)}")
+    grouped: Dict[str, List[str]] = {}
     for name in after:
         if name in before:
             a, b = before[name], after[name]
-            if a["shape"] != b["shape"]:
-                parts.append(f"{name} shape {tuple(a['shape'])} -> {tuple(b['shape'])}")
             if a["pool"] != b["pool"]:
-                parts.append(f"{name} pooling {a['pool']} -> {b['pool']}")
-    if not parts and [n for n in before] != [n for n in after]:
+                grouped.setdefault(f"pooling {a['pool']} -> {b['pool']}", []).append(name)
+            elif a["shape"] != b["shape"] or a["module"] != b["module"]:
+                grouped.setdefault(f"shape {tuple(a['shape'])} -> {tuple(b['shape'])}", []).append(name)
+    parts += [f"{change} for {_some(names)}" for change, names in grouped.items()]
+    if not parts:
         parts.append("the order of the tensors")
-    return "; ".join(parts) or "the captured tensors"
+    return "; ".join(parts)
 
 
 def _data_changes(old: dict, new: dict) -> str:
@@ -103,9 +109,9 @@ def _data_changes(old: dict, new: dict) -> str:
         parts.append(f"sources {[s['label'] for s in a]} -> {[s['label'] for s in b]}")
     else:
         for s, t in zip(a, b):
-            if s["samples"] != t["samples"]:
+            if s["samples"] != t["samples"] and len(a) > 1:
                 parts.append(f"{t['label']}: {s['samples']:,} -> {t['samples']:,} samples")
-            elif s["items"] != t["items"]:
+            elif s["samples"] == t["samples"] and s["items"] != t["items"]:
                 parts.append(f"{t['label']}: other samples (its list of files or keys differs)")
     if old["preprocess"] != new["preprocess"]:
         parts.append(f"preprocessing {_json(old['preprocess'])} -> {_json(new['preprocess'])}")

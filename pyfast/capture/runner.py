@@ -145,7 +145,8 @@ class CaptureResult:
             ("status", "complete" if self.complete else "incomplete"),
             ("samples", f"{self.samples:,} in {self.shards:,} shards, {self.bytes / MB:,.1f} MB"),
             ("this run", f"{self.new_samples:,} samples, {self.new_shards:,} shards written in {self.seconds:.1f} s "
-                         f"({self.samples_per_s:,.1f} samples/s, {self.mb_per_s:,.1f} MB/s)"),
+                         f"({self.samples_per_s:,.1f} samples/s, {self.mb_per_s:,.1f} MB/s)"
+                         if self.new_samples or self.new_shards else "nothing left to do"),
         ]
         if self.resumed_shards:
             rows.append(("resumed", f"after {self.resumed_shards:,} shards already done"))

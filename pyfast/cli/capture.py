@@ -18,6 +18,15 @@ PROG = "pyfast-capture"
 DEFAULT_IMAGE_SIZE = 128  # for models that do not say (no `input_size`): pyfast-train's default
 
 
+def _pool_argument(text: str):
+    from pyfast.capture import parse_pool_spec
+
+    try:
+        return parse_pool_spec(text)
+    except ValueError as error:  # argparse would say only "invalid value"
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pyfast.capture.runner import DEFAULT_SHARD_MB, PRECISIONS, STORE_DTYPES
 
@@ -41,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("--layers", action="append", default=[], metavar="PATTERNS",
                         help="module name patterns (fnmatch, over named_modules()), repeatable and comma-separated, "
                         "e.g. 'encoder.layer.*.mlp'; '.' is the model's own output")
-    layers.add_argument("--pool", action="append", default=[], metavar="[PATTERN=]KIND[:DIMS]",
+    layers.add_argument("--pool", action="append", default=[], type=_pool_argument, metavar="[PATTERN=]KIND[:DIMS]",
                         help="pool tokens/maps before storing: none, mean, max or cls (token 0); PATTERN picks "
                         "layers (the last match wins); DIMS the dims to reduce (default: tokens of (B, T, C), "
                         "spatial dims of (B, C, H, W))")
@@ -111,7 +120,7 @@ def _print_listing(listing) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
 
-    from pyfast.capture import CaptureError, capture, images_dataset
+    from pyfast.capture import CaptureError, capture, images_dataset, resolve_layers
     from pyfast.capture.runner import STORE_DTYPES, autocast_context, layer_listing
     from pyfast.data import build_sources, data_specs_from_args
     from pyfast.models import BackboneError
@@ -140,6 +149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.list_layers:
             _print_listing(layer_listing(model, image_size, device, autocast_context(device, args.precision)))
             return 0
+        resolve_layers(model, args.layers)  # an unknown pattern is a usage error, before any data is read
         specs = data_specs_from_args(args)
         sources = build_sources(specs, log=print)
         dataset = images_dataset(sources, image_size)
