@@ -419,9 +419,10 @@ def _new_manifest(model, dataset, opts, table, ignored, not_run, module_names, c
 def _log_table(say, table, ignored, not_run, capacity, sample_bytes, opts) -> None:
     say(f"capture: {len(table)} tensors, {sample_bytes:,} bytes a sample in {_dtype_name(opts.dtype)}, "
         f"{capacity:,} samples a shard ({opts.shard_mb:g} MB)")
+    width = max(len(t.name) for t in table[:_TABLE_LINES])
     for t in table[:_TABLE_LINES]:
-        pooled = f" -> {t.pool_kind} -> {t.shape}" if t.pool_kind != "none" else ""
-        say(f"  {t.name}  {t.output_shape} {t.source_dtype}{pooled}")
+        pooled = f" -> {pooling.describe(t.pool_kind, t.pool_dims)} -> {t.shape}" if t.pool_kind != "none" else ""
+        say(f"  {t.name:<{width}}  {t.output_shape} {t.source_dtype}{pooled}")
     if len(table) > _TABLE_LINES:
         say(f"  ... and {len(table) - _TABLE_LINES} more (all in manifest.json)")
     if ignored:

@@ -2,6 +2,10 @@
 
 Argument parsing and printing only; the work is pyfast.capture.capture. Rerunning the same command
 continues a stopped capture; reading it back is `pyfast.ActivationDataset(OUT)`.
+
+Exit status: 0 the capture is complete, 1 it failed on the way (a value out of range, too many bad
+samples, a folder holding another capture), 2 it could not start (arguments, model, weights, data
+sources, layer patterns), 130 interrupted (rerun to continue).
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ import pyfast
 from pyfast.capture import ActivationDataset, CaptureError, ShardCorruptError, capture, images_dataset
 from pyfast.data import SkippedSample, SyntheticSource, TooManyBadSamples
 
+from conftest import requires_cuda
+
 from .helpers import ConvNet, RandomImages, StructuredNet, TokenNet, hooks_left
 
 MB = 2**20
@@ -25,7 +27,7 @@ def run(model, dataset, out, **options):
     return capture(model, dataset, out, **options)
 
 
-def reference_by_batches(model, dataset, batch_size):
+def reference_by_batches(model, dataset, batch_size, device="cpu"):
     """model.reference(x) per data set batch [k*B, (k+1)*B), bad samples left out, rows concatenated."""
     rows = {}
     for start in range(0, len(dataset), batch_size):
@@ -34,8 +36,8 @@ def reference_by_batches(model, dataset, batch_size):
         if not images:
             continue
         with torch.no_grad():
-            for name, value in model.reference(torch.stack(images)).items():
-                rows.setdefault(name, []).append(value)
+            for name, value in model.reference(torch.stack(images).to(device)).items():
+                rows.setdefault(name, []).append(value.cpu())
     return {name: torch.cat(parts) for name, parts in rows.items()}
 
 
@@ -69,6 +71,21 @@ def test_the_model_runs_in_eval_mode(tmp_path):
     stored = read_all(tmp_path)["0"]
     assert torch.equal(stored, torch.stack([RandomImages(4, size=8)[i].image for i in range(4)]).half())
     assert model.training
+
+
+@requires_cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_capture_on_cuda_equals_the_cuda_forward(tmp_path, precision):
+    model = ConvNet().cuda()
+    dataset = RandomImages(11, bad={2})
+    run(model, dataset, tmp_path, layers=["conv1", "."], pool=["conv1=mean"], batch_size=4, precision=precision,
+        workers=2)
+    got = read_all(tmp_path)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        ref = reference_by_batches(model, dataset, 4, device="cuda")
+    # the same kernels on the same batches; the tolerance only allows a reduction order differing by an ulp
+    torch.testing.assert_close(got["output"], ref["output"].half(), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(got["conv1"], ref["conv1"].float().mean((2, 3)).half(), rtol=1e-3, atol=1e-3)
 
 
 def test_pooled_activations_equal_the_reduced_forward(tmp_path):

@@ -167,7 +167,7 @@ def test_sigint_to_the_command_line(tmp_path):
     """A real Ctrl-C (SIGINT) to `python -m pyfast.cli.capture`, then the same command again."""
     out = tmp_path / "cap"
     cmd = [sys.executable, "-m", "pyfast.cli.capture", "--model", TINY, "--layers", "body.0", "--data",
-           "synthetic:,num_samples=120,image_size=32", "--image-size", "32", "--batch-size", "2", "--shard-mb", "0.1",
+           "synthetic:,num_samples=40,image_size=32", "--image-size", "32", "--batch-size", "2", "--shard-mb", "0.1",
            "--out", str(out), "--no-progress"]
     # cwd away from the checkout, like the other subprocess tests: the installed package is imported
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
@@ -187,4 +187,4 @@ def test_sigint_to_the_command_line(tmp_path):
     assert "rerun the same command to continue" in err
     assert not pyfast.ActivationDataset(out, partial=True).manifest["status"] == "complete"
     assert main(cmd[3:]) == 0
-    assert len(pyfast.ActivationDataset(out)) == 120
+    assert len(pyfast.ActivationDataset(out)) == 40
