@@ -7,9 +7,9 @@
 
 `pyfast-capture` (pyfast.cli.capture) is the command line over `capture`. Pieces: `layers`
 (patterns -> modules), `hooks` (ActivationHooks, the context manager), `outputs` (flattening any
-output to named tensors), `pooling`, `shards` (writing and verified reading), `manifest`
-(bookkeeping and resume identity), `data` (images from --data sources, batching), `runner` (the
-loop), `dataset` (ActivationDataset).
+output to named tensors), `pooling`, `table` (the probe forward's layer table, the per-batch
+packer), `shards` (writing and verified reading), `manifest` (bookkeeping and resume identity),
+`data` (images from --data sources, batching), `runner` (the loop), `dataset` (ActivationDataset).
 
 The output folder
 -----------------

@@ -125,7 +125,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
 
     from pyfast.capture import CaptureError, capture, images_dataset, resolve_layers
-    from pyfast.capture.runner import STORE_DTYPES, autocast_context, layer_listing
+    from pyfast.capture.runner import STORE_DTYPES, autocast_context
+    from pyfast.capture.table import layer_listing
     from pyfast.data import build_sources, data_specs_from_args
     from pyfast.models import BackboneError
     from pyfast.models.weights import WeightsError

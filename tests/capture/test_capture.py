@@ -64,6 +64,18 @@ def test_activations_equal_a_direct_forward_rounded(tmp_path, dtype):
     assert hooks_left(model) == 0 and model.training  # the hooks are gone, the model's mode is back
 
 
+def test_precision_autocasts_the_forward(tmp_path):
+    model = ConvNet()
+    dataset = RandomImages(9)
+    run(model, dataset, tmp_path, layers=["conv1", "."], batch_size=4, precision="bf16")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert [t["output_dtype"] for t in manifest["layers"]["tensors"]] == ["bfloat16", "bfloat16"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = reference_by_batches(model, dataset, 4)
+    got = read_all(tmp_path)
+    assert torch.equal(got["conv1"], ref["conv1"].half()) and torch.equal(got["output"], ref["output"].half())
+
+
 def test_the_model_runs_in_eval_mode(tmp_path):
     model = nn.Sequential(nn.Dropout(0.9))
     model.train()
