@@ -348,7 +348,7 @@ def _run_batches(model, dataset, out, opts, device, autocast, say, progress, on_
                           resume=True)
     writer = ShardWriter(out, [(t.name, t.shape) for t in table], dtype=opts.dtype, capacity=capacity,
                          run_id=manifest["run"], next_shard=len(entries), first_sample=done_samples,
-                         max_rows=max(1, total - start), fsync=opts.fsync)
+                         max_rows=max(1, total - start), fsync=opts.fsync, pin_memory=device.type == "cuda")
     packer = BatchPacker(table, opts.dtype, opts.overflow, opts.nonfinite)
     loader = DataLoader(Indexed(dataset), batch_sampler=AlignedBatches(total, opts.batch_size, start),
                         collate_fn=collate, num_workers=opts.workers, pin_memory=device.type == "cuda")

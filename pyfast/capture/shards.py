@@ -66,7 +66,8 @@ class ShardWriter:
     """Fills shards of `capacity` samples from packed rows and writes each when it is full.
 
     layers: (name, per-sample shape) in storage order. max_rows: an upper bound on the samples
-    still to come (the buffer is never larger than needed for them).
+    still to come (the buffer is never larger than needed for them). pin_memory: page-locked
+    buffer, for rows packed on a GPU.
     """
 
     def __init__(
@@ -81,6 +82,7 @@ class ShardWriter:
         first_sample: int,
         max_rows: int,
         fsync: bool = True,
+        pin_memory: bool = False,
     ):
         self.root = os.fspath(root)
         self.names = [name for name, _shape in layers]
@@ -92,6 +94,7 @@ class ShardWriter:
         self.shard = int(next_shard)
         self.first_sample = int(first_sample)
         self.fsync = fsync
+        self.pin_memory = pin_memory  # rows come from a GPU: page-locked memory makes the copies DMA
         self.rows = max(1, min(self.capacity, int(max_rows)))  # rows the buffer holds per layer
         # layer regions of `rows` rows each, back to back: the layout of a full shard
         self._region, offset = {}, 0
@@ -124,7 +127,7 @@ class ShardWriter:
         if n > self.room or n > self.rows - self.filled:
             raise ValueError(f"{n} rows do not fit the {self.room} left in shard {self.shard}")
         if self._buffer is None:  # allocated at first use, then reused for every shard
-            self._buffer = torch.empty(self._total, dtype=self.dtype)
+            self._buffer = torch.empty(self._total, dtype=self.dtype, pin_memory=self.pin_memory)
         for name in self.names:
             self._rows_view(name, self.filled, self.filled + n).copy_(tensors[name])
             self.stats[name].add(stats[name])
