@@ -7,7 +7,7 @@ computes the batch it restarts in exactly as the uninterrupted one did, so its s
 byte-identical. Bad samples come back as `SkippedSample` records, as in training.
 
 Any map-style dataset can be captured: items are `SkippedSample` records or objects with `image`
-((3, S, S) float tensor), `key` (str) and optionally `source` and `file`. Its identity in the
+((3, S, S) uint8 tensor, or float in [0, 1]), `key` (str) and optionally `source` and `file`. Its identity in the
 manifest is its size and, when it has one, `fingerprint()` (a JSON value naming its content): give
 your dataset one, or a changed data set of the same size resumes as if it were the same.
 """
@@ -30,7 +30,7 @@ from pyfast.data import GENERATOR_VERSION, Letterbox, RobustDataset, Sample, Ski
 
 @dataclass
 class CaptureItem:
-    image: torch.Tensor  # float32 (3, S, S) in [0, 1]
+    image: torch.Tensor  # uint8 (3, S, S) as letterboxed, or float in [0, 1]
     key: str
     source: str = ""
     file: str = ""
@@ -152,10 +152,10 @@ def collate(items) -> CaptureBatch:
             batch.skipped.append(item)
             continue
         image = item.image if isinstance(item.image, torch.Tensor) else torch.from_numpy(np.asarray(item.image))
-        if not image.is_floating_point() or image.dim() != 3:
+        if image.dim() != 3 or not (image.dtype == torch.uint8 or image.is_floating_point()):
             raise CaptureError(
-                f"sample {index} ({item.key}): expected a float (3, S, S) image in [0, 1], got {image.dtype} "
-                f"{tuple(image.shape)}"
+                f"sample {index} ({item.key}): expected a uint8 (3, S, S) image or a float one in [0, 1], got "
+                f"{image.dtype} {tuple(image.shape)}"
             )
         if images and image.shape != images[0].shape:
             raise CaptureError(

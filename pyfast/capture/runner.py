@@ -36,7 +36,7 @@ from pyfast.capture.hooks import ActivationHooks
 from pyfast.capture.layers import ROOT_PATTERN, resolve_layers, split_patterns
 from pyfast.capture.shards import SampleRecord, ShardWriter, shard_problem
 from pyfast.capture.table import BatchPacker, dtype_name, probe_layers
-from pyfast.data import SkipTracker
+from pyfast.data import SkipTracker, images_to_device
 from pyfast.ops._checks import check_choice
 
 MB = 1 << 20
@@ -376,7 +376,7 @@ def _run_batches(model, dataset, out, opts, device, autocast, say, progress, on_
             pieces = plan_pieces(first_row, len(batch), writer.room, capacity)
             packer.begin(len(batch), pieces, batch.keys)
             with autocast():
-                model(batch.images.to(device, non_blocking=True))
+                model(images_to_device(batch.images, device))
             captured = hooks.take()
             missing = [name for name in names if name not in captured]
             if missing:

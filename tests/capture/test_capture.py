@@ -14,11 +14,10 @@ import pyfast
 from pyfast.capture import ActivationDataset, CaptureError, ShardCorruptError, capture, images_dataset
 from pyfast.data import SkippedSample, SyntheticSource, TooManyBadSamples
 
-from conftest import requires_cuda
-
 from .helpers import ConvNet, RandomImages, StructuredNet, TokenNet, hooks_left
 
 MB = 2**20
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def run(model, dataset, out, **options):
@@ -169,12 +168,12 @@ def test_manifest_records_what_was_captured(tmp_path):
     assert manifest["data"]["preprocess"]["transform"] == "letterbox"
     assert manifest["storage"]["dtype"] == "float16" and manifest["totals"]["samples"] == 6
     entry = json.loads((tmp_path / "shards.jsonl").read_text().splitlines()[0])
-    assert entry["keys"][:2] == ["synthetic-v1-seed0-size32-0", "synthetic-v1-seed0-size32-1"]
+    assert entry["keys"][:2] == ["synthetic-v2-seed0-size32-0", "synthetic-v2-seed0-size32-1"]
     assert entry["files"][0] == "synthetic[0]" and entry["indices"] == list(range(6))
     assert set(entry["stats"]["conv1"]) == {"nonfinite", "overflow", "absmax"}
     dataset_read = ActivationDataset(tmp_path)
-    assert dataset_read[1]["__key__"] == "synthetic-v1-seed0-size32-1"
-    assert dataset_read.sample_info(5) == {"key": "synthetic-v1-seed0-size32-5", "source": "synthetic",
+    assert dataset_read[1]["__key__"] == "synthetic-v2-seed0-size32-1"
+    assert dataset_read.sample_info(5) == {"key": "synthetic-v2-seed0-size32-5", "source": "synthetic",
                                            "file": "synthetic[5]", "data_index": 5, "shard": 0}
 
 

@@ -13,7 +13,7 @@ import torch
 
 import pyfast
 from pyfast.cli.capture import main
-from pyfast.data import SyntheticSource
+from pyfast.data import SyntheticSource, images_to_device
 from pyfast.models import TinyBackbone
 
 from .helpers import folder_bytes
@@ -26,7 +26,7 @@ def synthetic_images(n=12, size=32):
     from pyfast.capture import images_dataset
 
     dataset = images_dataset([SyntheticSource(num_samples=n, image_size=size, name="synthetic")], size)
-    return torch.stack([dataset[i].image for i in range(n)])
+    return images_to_device(torch.stack([dataset[i].image for i in range(n)]), "cpu")  # as the capture feeds them
 
 
 def test_capture_a_module_callable_model_and_read_it_back(tmp_path, capsys):
