@@ -2,6 +2,7 @@
 
 `pyfast-doctor data --data SPEC [...]` loads and validates every sample of the sources without
 training and reports what would be skipped, and why.
+`pyfast-doctor memory RUN_DIR` prints the memory verdict and top growers of a run.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pyfast.data import (
     data_specs_from_args,
 )
 from pyfast.data.skip import exceeds_bound
+from pyfast.memory.doctor import add_memory_command, run_memory_command
 
 EXIT_OK, EXIT_TOO_MANY_BAD, EXIT_USAGE = 0, 1, 2
 _EXAMPLES_PER_REASON = 3
@@ -45,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(data)
     data.add_argument("--out", type=Path, default=None, metavar="DIR", help="write DIR/skipped.jsonl")
     data.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader workers for the scan (default 0)")
+    add_memory_command(commands)
     return parser
 
 
@@ -123,6 +126,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "data":
         return run_data(args)
+    if args.command == "memory":
+        return run_memory_command(args)
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse restricts the choices
 
 
