@@ -10,10 +10,10 @@
 
 `step()` off the sampling steps is an integer test. A sample reads /proc and the CUDA allocator's
 counters (no device synchronization), appends one line to `memory.jsonl` and refits the slopes of
-the last window (about 0.3 ms in all on a small process; see the benchmark). When a watched series
-starts growing, the monitor takes a census of the Python objects, traces allocations with
-tracemalloc for `investigate_steps` steps, takes a second census and names what grew (see
-`pyfast.memory.growers`); that costs about a second per half-million objects, once.
+the last window (under a millisecond; see benchmarks/bench_memory.py). When host or CUDA memory
+starts growing, the monitor looks for what grows (`pyfast.memory.search`): object censuses at the
+start and end of a window of `investigate_steps` steps, in a forked child where possible, with
+tracemalloc tracing in between; at most `max_investigations` times per run.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class MemoryMonitor:
         investigate: bool = True,
         investigate_steps: Optional[int] = None,
         max_investigations: int = 3,
-        tracemalloc_frames: int = 25,
+        tracemalloc_frames: int = 10,
         full_info_budget: float = 0.01,
         device=None,
         fork: Optional[bool] = None,

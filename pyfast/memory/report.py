@@ -139,9 +139,10 @@ def format_verdict(verdict: dict) -> str:
         lines.append(f"note: {note}")
     rule = verdict["rule"]
     lines.append(f"rule: a leak is a Theil-Sen slope >= the bound (MB or descriptors per 1000 steps) with its "
-                 f"{rule['confidence']:.0%} CI above 0 and each half-window's slope >= bound/2, over the last "
-                 f"{rule['window']} samples (>= {rule['min_samples']} samples, >= {rule['min_steps']} steps) after "
-                 f"{rule['warmup_steps']} warm-up steps")
+                 f"{rule['confidence']:.0%} CI above 0, sustained (each half of the window >= bound/2 with its CI "
+                 f"above 0, the halves within a factor 2), over the last {rule['window']} samples "
+                 f"(>= {rule['min_samples']} samples, >= {rule['min_steps']} steps) after {rule['warmup_steps']} "
+                 f"warm-up steps")
     return "\n".join(lines)
 
 

@@ -1,7 +1,7 @@
 """Planted leaks (and a clean warm-up) for the memory tests: each is one step of a loop.
 
-The leaks are big (about 0.5 to 1 MB per step) so that a few dozen steps are unambiguous: the
-allocators' own ups and downs (freed memory reused, the heap grown in chunks) are a few MB.
+The leaks are big (about 1 MB per step) so that a few dozen steps are unambiguous: the allocators'
+own ups and downs (freed memory reused before the heap grows again) reach tens of MB.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ class Validator:
 
     def validate(self, head) -> None:
         with torch.no_grad():
-            logits = head.proj(torch.rand(4, 16, 96, 96))
-        self.outputs.append({"logits": logits, "target": torch.rand(4, 4, 96, 96)})
+            logits = head.proj(torch.rand(8, 16, 96, 96))
+        self.outputs.append({"logits": logits, "target": torch.rand(8, 4, 96, 96)})  # 2.4 MB in all
 
 
 def draw_and_forget(step: int) -> None:
