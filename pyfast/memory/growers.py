@@ -137,7 +137,7 @@ class _Table:
             # as long as the storage: storage objects are not counted (their bytes are, with the
             # tensors), or every census would find the previous one's as new objects.
             for code, kind in enumerate(unique):
-                if issubclass(kind, torch.UntypedStorage):
+                if torch.UntypedStorage in getattr(kind, "__mro__", ()):  # not issubclass: no ABC caches
                     self.counted[code] = False
                     self.sizes[self.codes == code] = 0
             if tensor_codes:
@@ -415,7 +415,7 @@ def _retained(roots: Sequence[int], new_objects: Sequence[object], new_index: Di
                 depth_of.setdefault(names[index], depth)
         order.extend(found)
         frontier = found
-    kinds = Counter(names[i] for i in order)
+    kinds = _tally(names[i] for i in order)
     ranked = sorted(kinds.items(), key=lambda item: (depth_of[item[0]], -item[1], item[0]))
     return len(order), int(sizes[order].sum()), [{"type": name, "count": count} for name, count in ranked]
 
@@ -506,6 +506,9 @@ def _held_by(objects, table, is_new, new_objects, new_index, new_sizes, new_name
         examined.append((nbytes, count, holder, children, kinds))
     ranked.clear()
     examined.sort(key=lambda item: (-item[0], -item[1]))
+    if examined:  # holders of a hundredth of the top one's bytes are noise (a lock, a cache entry)
+        floor = examined[0][0] / 100
+        del examined[1 + sum(1 for item in examined[1:] if item[0] >= floor):]
     own = ignore | {id(examined)}
     held_by = []
     try:
@@ -515,7 +518,7 @@ def _held_by(objects, table, is_new, new_objects, new_index, new_sizes, new_name
                 "holder_type": type_name(type(holder)),
                 "holder_len": _safe_len(holder),
                 "len_delta": None,
-                "new": dict(Counter(new_names[i] for i in children).most_common(TOP)),
+                "new": dict(sorted(_tally(new_names[i] for i in children).items(), key=lambda kv: -kv[1])[:TOP]),
                 "retained_objects": count,
                 "retained_bytes": nbytes,
                 "retains": kinds[:TOP],
@@ -528,15 +531,24 @@ def _held_by(objects, table, is_new, new_objects, new_index, new_sizes, new_name
             if tracemalloc.is_tracing():
                 # Python 3.11 finds no traceback for objects with a pre-header (instances, tensors);
                 # 3.12 does. The window's allocation sites do not depend on it.
-                sites = Counter(user_site(tracemalloc.get_object_traceback(new_objects[i]))
-                                for i in children[:_SITE_SAMPLES])
+                sites = _tally(user_site(tracemalloc.get_object_traceback(new_objects[i]))
+                               for i in children[:_SITE_SAMPLES])
                 sites.pop(None, None)
                 if sites:
-                    entry["allocated_at"] = sites.most_common(1)[0][0]
+                    entry["allocated_at"] = max(sites, key=sites.get)
             held_by.append(entry)
     finally:
         examined.clear()
     return held_by
+
+
+def _tally(names: Iterable) -> Dict[object, int]:
+    # Not collections.Counter(iterable): its isinstance check against an abstract class adds a
+    # generator type to abc's caches, objects a later census would find.
+    counts: Dict[object, int] = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def _safe_len(obj) -> Optional[int]:

@@ -348,14 +348,18 @@ class MemoryMonitor:
         self._report_written = True
         return path
 
-    def close(self) -> dict:
-        """Ends the run: finishes a search for growers under way, writes memory.json, closes
-        memory.jsonl; returns the verdict."""
+    def close(self, wait: bool = True) -> dict:
+        """Ends the run: finishes a search for growers under way (a few seconds at most; with
+        wait=False, on an interruption say, cancels it), writes memory.json, closes memory.jsonl;
+        returns the verdict."""
         if self._search is not None:
             search, self._search = self._search, None
             if search.stage == WINDOW:
                 self._judge_after = self._last_step
-            self._record_search(search, search.wait(self._last_step, self._own_ids))
+            if wait:
+                self._record_search(search, search.wait(self._last_step, self._own_ids))
+            else:
+                search.cancel()
         if self._handle is not None:
             self._handle.close()
             self._handle = None

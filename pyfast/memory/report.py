@@ -86,12 +86,12 @@ def grower_lines(growers: dict, indent: str = "  ") -> List[str]:
 def _row(name: str, assessment: dict) -> str:
     label = f"{name} ({assessment['field']})" if name in WATCHED else assessment["field"]
     if "slope" not in assessment:
-        return f"  {label:<28} {'-':>12}   {'-':<22} {assessment['status']} ({assessment['samples']} samples after warm-up)"
+        return (f"  {label:<28} {'-':>14}   {'-':<26} {assessment['status']} "
+                f"({assessment['samples']} samples after warm-up)")
     ci = assessment["ci"]
-    bound = f"  bound {assessment['bound']:g}" if name in WATCHED else ""
-    status = assessment["status"] if name in WATCHED else "(for information)"
-    return (f"  {label:<28} {assessment['slope']:>+12.2f}   [{ci[0]:+.2f}, {ci[1]:+.2f}]".ljust(66)
-            + f" {status}{bound}")
+    interval = f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
+    status = f"{assessment['status']}  bound {assessment['bound']:g}" if name in WATCHED else "(for information)"
+    return f"  {label:<28} {assessment['slope']:>+14.2f}   {interval:<26} {status}"
 
 
 def format_verdict(verdict: dict) -> str:
@@ -110,7 +110,7 @@ def format_verdict(verdict: dict) -> str:
         lines.append(f"memory: not enough samples to judge ({verdict['samples']} taken; the rule needs "
                      f"{verdict['rule']['min_samples']} after {verdict['rule']['warmup_steps']} warm-up steps)")
     if series:
-        lines.append(f"  {'series':<28} {'per 1000 steps':>12}   {'95% CI':<22} status")
+        lines.append(f"  {'series':<28} {'per 1000 steps':>14}   {'95% CI':<26} status")
         for name in list(WATCHED) + list(INFORMATIVE):
             if name in series:
                 lines.append(_row(name, series[name]))

@@ -44,9 +44,13 @@ def _compare_in_child(path: str, step: int, trigger: str, exclude: List[int], ba
     if tracemalloc.is_tracing():
         sites = allocation_sites(tracemalloc.take_snapshot(), baseline)
         tracemalloc.stop()
+    return find_growers(_read_census(path), step, trigger=trigger, exclude=exclude, sites=sites, collect=False)
+
+
+def _read_census(path: str):
+    # In a function of its own: the file object must be gone before the census, which would count it.
     with open(path, "rb") as handle:
-        census = pickle.load(handle)
-    return find_growers(census, step, trigger=trigger, exclude=exclude, sites=sites, collect=False)
+        return pickle.load(handle)
 
 
 class GrowthSearch:
@@ -101,6 +105,7 @@ class GrowthSearch:
         gc.collect()
         if self.forked:
             work = partial(_compare_in_child, self._census_path, step, self.trigger, own_ids, self._baseline)
+            own_ids.extend((id(work), id(work.args), id(work.keywords)))  # the child's own call, not counted
             self._comparison = ForkedWork(work)
             self._stop_tracing()
         else:

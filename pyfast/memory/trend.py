@@ -53,6 +53,8 @@ def theil_sen(x, y, confidence: float = 0.95) -> SlopeFit:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
         raise ValueError("x and y must be finite (drop missing samples before fitting)")
+    if y.size > 1 and np.all(y == y[0]) and np.unique(x).size > 1:
+        return SlopeFit(0.0, float(y[0]), 0.0, 0.0, 0.0)  # a constant series (descriptors, mostly)
     slopes = np.sort(pairwise_slopes(x, y))
     count = slopes.size
     if count == 0:

@@ -106,15 +106,18 @@ def assess(steps: Sequence[float], values: Sequence[float], bound: float, rule: 
         return result
 
     fit = theil_sen(x, y, rule.confidence)
-    half = x.size // 2
-    half_fits = [theil_sen(x[:half], y[:half], rule.confidence), theil_sen(x[half:], y[half:], rule.confidence)]
-    halves = [f.slope * 1000.0 for f in half_fits]
     slope = fit.slope * 1000.0
     span = float(x[-1] - x[0])
     enough = x.size >= rule.min_samples and span >= rule.min_steps
     fast = slope >= bound
     confident = fit.ci_low > 0.0
-    sustained = _sustained(halves, [f.ci_low * 1000.0 for f in half_fits], bound)
+    halves = half_lows = None
+    if confident:  # the halves matter only for growth that is certain (and cost two more fits)
+        half = x.size // 2
+        half_fits = [theil_sen(x[:half], y[:half], rule.confidence), theil_sen(x[half:], y[half:], rule.confidence)]
+        halves = [f.slope * 1000.0 for f in half_fits]
+        half_lows = [f.ci_low * 1000.0 for f in half_fits]
+    sustained = halves is not None and _sustained(halves, half_lows, bound)
     if fast and confident and sustained and enough:
         status = LEAK
     elif fast and confident:
@@ -128,8 +131,8 @@ def assess(steps: Sequence[float], values: Sequence[float], bound: float, rule: 
         slope=slope,
         ci=[fit.ci_low * 1000.0, fit.ci_high * 1000.0],
         positive_fraction=fit.positive_fraction,
-        half_slopes=halves,
-        half_ci_lows=[f.ci_low * 1000.0 for f in half_fits],
+        half_slopes=halves,  # None when the slope's interval reaches zero
+        half_ci_lows=half_lows,
         growth=fit.slope * span,  # rise of the fitted line over the window, in the series' unit
         intercept=fit.intercept,  # the fitted line: value = intercept + slope / 1000 * step
     )
@@ -147,7 +150,7 @@ def passes(assessment: dict, bound: float, rule: LeakRule) -> bool:
         return False
     steps = assessment["steps"]
     return (assessment["samples"] >= rule.min_samples and steps[1] - steps[0] >= rule.min_steps
-            and assessment["slope"] >= bound and assessment["ci"][0] > 0.0
+            and assessment["slope"] >= bound and assessment["ci"][0] > 0.0 and assessment["half_slopes"] is not None
             and _sustained(assessment["half_slopes"], assessment["half_ci_lows"], bound))
 
 

@@ -1,6 +1,7 @@
 """Object censuses: what grew, who holds it and under what name, without counting themselves."""
 
 import gc
+import json
 import os
 
 import numpy as np
@@ -26,6 +27,23 @@ class Owner:
         self.items = []
 
 
+def check_growth(report) -> None:
+    def held_by(name):
+        return next(entry for entry in report["held_by"] if entry["holder"].endswith(name))
+
+    arrays = held_by("test_growers.GLOBAL_ARRAYS")
+    assert arrays["holder_type"] == "list" and arrays["len_delta"] == 30
+    assert arrays["new"] == {"numpy.ndarray": 30} and arrays["retained_bytes"] >= 30 * 8000
+    registry = held_by("test_growers.Registry.entries")
+    assert registry["len_delta"] == 30 and {"type": "bytearray", "count": 30} in registry["retains"]
+    items = held_by("test_growers.Owner.items")
+    assert items["len_delta"] == 30 and items["new"] == {"torch.Tensor": 30}
+    counts = {g["type"]: g["count_delta"] for g in report["by_count"] + report["by_bytes"]}
+    assert counts["numpy.ndarray"] >= 30 and counts["torch.Tensor"] == 30
+    assert report["tensor_bytes_delta"]["cpu"] == 30 * 500 * 4
+    assert report["sites"] == [] and report["tracemalloc"] is False
+
+
 def test_growth_is_named_by_holder_and_counted_exactly():
     owner = Owner()
     before = take_census(0)
@@ -35,31 +53,17 @@ def test_growth_is_named_by_holder_and_counted_exactly():
         owner.items.append(torch.full((500,), float(i)))
     try:
         report = find_growers(before, 30, trigger="host")
-        def held_by(name):
-            return next(entry for entry in report["held_by"] if entry["holder"].endswith(name))
-
-        arrays = held_by("test_growers.GLOBAL_ARRAYS")
-        assert arrays["holder_type"] == "list" and arrays["len_delta"] == 30
-        assert arrays["new"] == {"numpy.ndarray": 30} and arrays["retained_bytes"] >= 30 * 8000
-        registry = held_by("test_growers.Registry.entries")
-        assert registry["len_delta"] == 30 and {"type": "bytearray", "count": 30} in registry["retains"]
-        items = held_by("test_growers.Owner.items")
-        assert items["len_delta"] == 30 and items["new"] == {"torch.Tensor": 30}
-        counts = {g["type"]: g["count_delta"] for g in report["by_count"] + report["by_bytes"]}
-        assert counts["numpy.ndarray"] >= 30 and counts["torch.Tensor"] == 30
-        assert report["tensor_bytes_delta"]["cpu"] == 30 * 500 * 4
-        assert report["sites"] == [] and report["tracemalloc"] is False
+        check_growth(report)
+        # Nothing changed since but the report (kept as one string): a second comparison finds what
+        # the first did, and the census machinery (its lists, tables, names) left nothing behind.
+        first, holders = report["new_objects"], json.dumps([e["holder"] for e in report["held_by"][:3]])
+        report = json.dumps(report)
+        again = find_growers(before, 31, trigger="host")
+        assert abs(again["new_objects"] - first) <= 3, again["by_count"]
+        assert json.dumps([e["holder"] for e in again["held_by"][:3]]) == holders
     finally:
         GLOBAL_ARRAYS.clear()
         Registry.entries.clear()
-
-
-def test_censuses_do_not_count_themselves():
-    before = take_census(0)
-    find_growers(before, 1, trigger="host")
-    report = find_growers(before, 2, trigger="host")  # the first comparison's leftovers would show here
-    assert report["new_objects"] < 50, report["by_count"]
-    assert all(entry["retained_bytes"] < 20_000 for entry in report["held_by"]), report["held_by"]
 
 
 @pytest.mark.skipif(not fork_available(), reason="needs fork")

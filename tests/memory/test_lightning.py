@@ -2,6 +2,7 @@
 stopped), a clean one trains and logs its memory, and a missing Lightning is a clear error."""
 
 import csv
+import gc
 import importlib
 import importlib.util
 import json
@@ -15,9 +16,9 @@ from pyfast.cli.doctor import main as doctor
 from pyfast.memory import LeakRule
 from pyfast.memory.probes import trim_heap
 
-pl = pytest.importorskip("lightning.pytorch")
-from pyfast.memory import MemoryMonitorCallback  # noqa: E402  (needs Lightning)
-
+# Lightning is imported by the tests that need it, not at collection: its half-million objects would
+# slow every other census of the session.
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("lightning") is None, reason="needs lightning")
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lightning_refiner.py"
 RULE = LeakRule(host_mb=50.0, warmup_steps=10, window=30, min_samples=15, min_steps=40)
 
@@ -30,27 +31,33 @@ class Batches(torch.utils.data.Dataset):
         return torch.rand(8)
 
 
-class KeepsValidationOutputs(pl.LightningModule):
-    """Appends every validation_step output to a list that nothing clears (the planted leak)."""
+def keeps_validation_outputs():
+    """A LightningModule that appends every validation_step output to a list nothing clears."""
+    import lightning.pytorch as pl
 
-    def __init__(self):
-        super().__init__()
-        self.layer = torch.nn.Linear(8, 1)
-        self.val_outputs = []
+    class KeepsValidationOutputs(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(8, 1)
+            self.val_outputs = []
 
-    def training_step(self, batch, batch_idx):
-        return self.layer(batch).square().mean()
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch).square().mean()
 
-    def validation_step(self, batch, batch_idx):
-        out = {"pred": self.layer(batch), "features": torch.rand(256, 1024)}  # 1 MB per validation step
-        self.val_outputs.append(out)
-        return out
+        def validation_step(self, batch, batch_idx):
+            out = {"pred": self.layer(batch), "features": torch.rand(256, 1024)}  # 1 MB per validation step
+            self.val_outputs.append(out)
+            return out
 
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    return KeepsValidationOutputs()
 
 
 def trainer(tmp_path, callback, max_steps, **options):
+    import lightning.pytorch as pl
+
     return pl.Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps, callbacks=[callback], default_root_dir=tmp_path,
         logger=pl.loggers.CSVLogger(tmp_path, name="", version=""), enable_checkpointing=False,
@@ -58,14 +65,14 @@ def trainer(tmp_path, callback, max_steps, **options):
 
 
 def test_kept_validation_outputs_are_found_and_stop_the_fit(tmp_path, capsys):
-    import gc
-
     gc.collect()
     trim_heap()
+    from pyfast.memory import MemoryMonitorCallback
+
     callback = MemoryMonitorCallback(every=2, max_growth=100.0, rule=RULE, investigate_steps=10)
     loader = torch.utils.data.DataLoader(Batches(), batch_size=4)
     fit = trainer(tmp_path, callback, max_steps=400, val_check_interval=2, limit_val_batches=1)
-    fit.fit(KeepsValidationOutputs(), loader, loader)
+    fit.fit(keeps_validation_outputs(), loader, loader)
 
     assert callback.stopped_because is not None and "over the bound of 100" in callback.stopped_because
     assert fit.global_step < 400  # stopped cleanly, long before max_steps
@@ -88,6 +95,8 @@ def test_kept_validation_outputs_are_found_and_stop_the_fit(tmp_path, capsys):
 
 
 def test_state_goes_into_checkpoints():
+    from pyfast.memory import MemoryMonitorCallback
+
     first = MemoryMonitorCallback(every=5)
     for step in range(1, 31):
         first.monitor.step(step)

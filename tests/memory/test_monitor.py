@@ -171,3 +171,18 @@ def test_summary_is_compact_and_json_ready():
     assert set(summary) >= {"status", "leak", "leaking", "host_mb_per_1000_steps", "fds_per_1000_steps",
                             "top_grower", "message"}
     json.dumps(summary, allow_nan=False)
+
+
+def test_close_without_waiting_cancels_a_search_under_way():
+    rule = LeakRule(host_mb=1.0, warmup_steps=2, window=20, min_samples=10, min_steps=10)
+    monitor = MemoryMonitor(every=1, rule=rule, investigate_steps=50, tracemalloc_frames=0, log=lambda m: None)
+    kept = []
+    step = 0
+    while monitor._search is None and step < 200:  # grow until a search starts
+        step += 1
+        kept.append(bytearray(1 << 20))
+        monitor.step(step)
+    assert monitor._search is not None
+    verdict = monitor.close(wait=False)
+    assert monitor._search is None and monitor.report()["investigations"] == []
+    assert verdict["investigations"] == 0

@@ -69,7 +69,7 @@ def test_a_one_off_step_is_not_a_leak(where):
     values[jump_at:] += 300.0  # a buffer allocated once, e.g. by the first validation
     fit = host(build_verdict(samples(values), RULE))
     assert fit["status"] != "leak"
-    assert min(fit["half_slopes"]) < RULE.host_mb / 2
+    assert fit["half_slopes"] is None or min(fit["half_slopes"]) < RULE.host_mb / 2
 
 
 def test_a_staircase_is_a_leak():
