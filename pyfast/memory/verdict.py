@@ -14,8 +14,9 @@ file descriptors) the rule looks at the last `window` samples of the current pro
    down within the window. Neither is a leak; a leak grows at the same pace throughout.
 
 A series that passes 2 and 3 on fewer samples, or fails only 4, is GROWING: it triggers the search
-for what grows but no alarm. Everything here is a pure function of the samples, so a run directory's
-`memory.jsonl` gives the same verdict the live monitor gave.
+for what grows but no alarm. Samples taken while a search ran are left out, and the stretch after a
+search is judged on its own (`judged_pieces`). Everything here is a pure function of the samples
+and the searches' step ranges, so a run directory's files give the verdict the live monitor gave.
 """
 
 from __future__ import annotations

