@@ -12,6 +12,7 @@ goes on meanwhile and its heap is not disturbed. Elsewhere they run here, blocki
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 import pickle
@@ -26,6 +27,21 @@ from pyfast.memory.growers import allocation_sites, find_growers, take_census
 from pyfast.memory.probes import trim_heap
 
 WINDOW, COMPARING = "window", "comparing"
+_CENSUS_FILES: set = set()  # census files not yet removed: gone at exit, whatever happened
+
+
+@atexit.register
+def _remove_census_files() -> None:
+    for path in list(_CENSUS_FILES):
+        _unlink(path)
+
+
+def _unlink(path: str) -> None:
+    _CENSUS_FILES.discard(path)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _census_to_file(step: int, exclude: List[int], path: str) -> float:
@@ -50,7 +66,9 @@ def _compare_in_child(path: str, step: int, trigger: str, exclude: List[int], ba
 def _read_census(path: str):
     # In a function of its own: the file object must be gone before the census, which would count it.
     with open(path, "rb") as handle:
-        return pickle.load(handle)
+        census = pickle.load(handle)
+    _unlink(path)  # read once: no need to wait for the parent to remove it
+    return census
 
 
 class GrowthSearch:
@@ -73,6 +91,7 @@ class GrowthSearch:
         if self.forked:
             handle, self._census_path = tempfile.mkstemp(prefix="pyfast-census-", suffix=".pickle")
             os.close(handle)
+            _CENSUS_FILES.add(self._census_path)
             self._census = ForkedWork(partial(_census_to_file, step, own_ids, self._census_path))
         else:
             self._census = run_in_process(partial(take_census, step, own_ids, False))
@@ -126,10 +145,7 @@ class GrowthSearch:
 
     def _remove_file(self) -> None:
         if self._census_path is not None:
-            try:
-                os.unlink(self._census_path)
-            except FileNotFoundError:
-                pass
+            _unlink(self._census_path)
             self._census_path = None
 
     def poll(self) -> Optional[Tuple[str, object]]:

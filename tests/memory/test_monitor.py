@@ -1,7 +1,9 @@
 """MemoryMonitor: sampling cadence, fields, files, resume, fallbacks, and a real descriptor leak."""
 
+import glob
 import json
 import os
+import tempfile
 
 import psutil
 import pytest
@@ -173,7 +175,12 @@ def test_summary_is_compact_and_json_ready():
     json.dumps(summary, allow_nan=False)
 
 
+def census_files():
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "pyfast-census-*")))
+
+
 def test_close_without_waiting_cancels_a_search_under_way():
+    before = census_files()
     rule = LeakRule(host_mb=1.0, warmup_steps=2, window=20, min_samples=10, min_steps=10)
     monitor = MemoryMonitor(every=1, rule=rule, investigate_steps=50, tracemalloc_frames=0, log=lambda m: None)
     kept = []
@@ -186,3 +193,4 @@ def test_close_without_waiting_cancels_a_search_under_way():
     verdict = monitor.close(wait=False)
     assert monitor._search is None and monitor.report()["investigations"] == []
     assert verdict["investigations"] == 0
+    assert census_files() <= before  # the census handed over through a file: removed
