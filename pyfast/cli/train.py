@@ -55,6 +55,7 @@ def _main(args: argparse.Namespace, started: float) -> int:
         plan_resume, prepare, train,
     )  # fmt: skip
     from pyfast.train.loop import exit_code
+    from pyfast.train.setup import DataError
 
     try:
         layers = config_layers(args)
@@ -69,8 +70,7 @@ def _main(args: argparse.Namespace, started: float) -> int:
             run = prepare(config, resume=checkpoint)
         else:
             run = prepare(build_config(*layers))
-    except (ConfigError, RunDirError, MissingSourceError, BackboneError, CheckpointError, FeatureError, FileNotFoundError,
-            ValueError) as error:
+    except (ConfigError, RunDirError, DataError, MissingSourceError, BackboneError, CheckpointError, FeatureError) as error:
         return _fail(str(error))
 
     try:

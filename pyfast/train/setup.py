@@ -46,10 +46,7 @@ CHECKPOINT_FORMAT = "pyfast.train/2"
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ConfigError(f"--device {name!r}: {error}") from None
+    device = torch.device(name)  # its form was checked with the config
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {name}: CUDA is not available on this machine")
@@ -139,9 +136,23 @@ class TrainData:
         return {"samples": len(self.dataset), "train": len(self.train_indices), "val": len(self.val_indices)}
 
 
+class DataError(ValueError):
+    """The data sources could not be opened; the message is the data layer's, `__cause__` its exception."""
+
+
 def build_data(cfg: TrainConfig, device: torch.device, log: Callable[[str], None]) -> TrainData:
-    """Open the sources (errors of the data layer propagate unchanged), letterbox, split."""
-    sources = build_sources(cfg.data_specs(), log=log)
+    """Open the sources, letterbox, split. Whatever the data layer raises while opening them
+    becomes a DataError carrying its message on one line (its class named when it is neither an
+    OSError nor a ValueError, whose messages are written for users)."""
+    try:
+        sources = build_sources(cfg.data_specs(), log=log)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        if not isinstance(error, (OSError, ValueError)):
+            message = f"{type(error).__name__}: {message}"
+        raise DataError(message) from error
     dataset = RobustDataset(sources, preprocess=Letterbox(cfg.image_size))
     n = len(dataset)
     if n == 0:

@@ -1,0 +1,72 @@
+"""Every mistake a user can make with pyfast-train gets one line (`pyfast-train: error: ...`) and
+the right exit code, never a traceback; nothing is silently wrong."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pyfast.cli.train import main
+from pyfast.train.metrics import read_jsonl
+
+
+def one_line_error(capsys, code_expected, code):
+    err = capsys.readouterr().err.strip()
+    assert code == code_expected, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pyfast-train: error: "), err
+    return lines[0]
+
+
+def test_npz_spec_that_is_a_file(tmp_path, tiny_args, capsys):
+    file = tmp_path / "frames.npz"
+    file.write_bytes(b"not a folder")
+    line = one_line_error(capsys, 2, main(tiny_args + ["--data", f"npz:{file}", "--out", str(tmp_path / "run")]))
+    assert str(file) in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_any_error_of_the_data_layer_is_one_line(tmp_path, tiny_args, capsys, monkeypatch):
+    import pyfast.train.setup
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("index file\nis damaged")
+
+    monkeypatch.setattr(pyfast.train.setup, "build_sources", broken)
+    line = one_line_error(capsys, 2, main(tiny_args + ["--out", str(tmp_path / "run")]))
+    assert "RuntimeError: index file is damaged" in line
+
+
+def test_config_that_is_a_folder_or_not_utf8(tmp_path, capsys):
+    line = one_line_error(capsys, 2, main(["--config", str(tmp_path), "--out", str(tmp_path / "a")]))
+    assert str(tmp_path) in line and "folder" in line
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("epochs: 2\n# réglages\n".encode("latin-1"))
+    line = one_line_error(capsys, 2, main(["--config", str(bad), "--out", str(tmp_path / "b")]))
+    assert "latin1.yaml" in line and "UTF-8" in line
+
+
+def test_device_forms(tmp_path, capsys):
+    line = one_line_error(capsys, 2, main(["--device", "tpu", "--out", str(tmp_path / "a")]))
+    assert "auto, cpu, cuda or cuda:N" in line and "xla" not in line
+
+
+def test_help_shows_defaults_and_what_fast_sets(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, default in (("--epochs", "12"), ("--batch-size", "16"), ("--lr", "0.01"), ("--image-size", "128"),
+                          ("--precision", "auto"), ("--device", "auto")):
+        assert flag in text and f"(default: {default})" in text, flag
+    assert "--image-size 96" in text and "--synthetic-samples 640" in text and "--epochs 10" in text
+
+
+def test_infinite_lr_is_refused(tmp_path, capsys):
+    line = one_line_error(capsys, 2, main(["--lr", "inf", "--out", str(tmp_path / "a")]))
+    assert "--lr must be a finite number" in line
