@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -33,7 +34,7 @@ from pyfast.train.features import STORE_DTYPES, CachedFeatures, FeatureProvider,
 from pyfast.train.guards import NonFiniteGuard
 from pyfast.train.metrics import truncate_after
 from pyfast.train.objective import LossWeights
-from pyfast.train.rundir import RunDir, RunDirError, default_run_dir
+from pyfast.train.rundir import RunDir, RunDirError, check_files_writable, check_writable, default_run_dir
 from pyfast.train.state import Progress, RngState, RunStats
 
 SPLIT_SEED = 20261123  # the train/val split does not move with --seed: runs compare on one val set
@@ -329,9 +330,13 @@ def prepare(
     happens before the run directory or the cache is created or written."""
     cfg = config.validate()
     paths = RunDir(Path(cfg.out) if cfg.out else default_run_dir())
+    check_writable(paths.path, "--out" if resume is None else "--resume")
+    if resume is not None:
+        check_files_writable([paths.config, paths.metrics, paths.val, paths.skipped, paths.last], "--resume")
     cache_root = None
     if cfg.cache_dir is None or cfg.cache_dir.lower() != "off":
         cache_root = Path(cfg.cache_dir) if cfg.cache_dir else paths.cache
+        check_writable(cache_root, "--cache-dir")
 
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
@@ -368,12 +373,18 @@ def prepare(
         run.restore(resume)
 
     # ---- everything checked: create and write
-    paths.path.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, paths.config)
-    cache = FeatureCache(cache_root, fingerprint, dtype=store_dtype) if cache_root is not None else None
-    if resume is not None:
-        truncate_after(paths.metrics, run.progress.step)
-        truncate_after(paths.val, run.progress.step)
+    created = not paths.path.exists()
+    try:
+        paths.path.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, paths.config)
+        cache = FeatureCache(cache_root, fingerprint, dtype=store_dtype) if cache_root is not None else None
+        if resume is not None:
+            truncate_after(paths.metrics, run.progress.step)
+            truncate_after(paths.val, run.progress.step)
+    except OSError as error:  # the checks above passed, the file system still said no
+        if created:
+            shutil.rmtree(paths.path, ignore_errors=True)
+        raise RunDirError(f"cannot write the run directory {paths.path}: {error.strerror or error}") from None
     run.features = FeatureProvider(backbone, layout, use, cache, device, run.autocast, store_dtype)
     if cache is not None:
         data.dataset.features = CachedFeatures(cache, layout, use)

@@ -70,3 +70,53 @@ def test_help_shows_defaults_and_what_fast_sets(capsys):
 def test_infinite_lr_is_refused(tmp_path, capsys):
     line = one_line_error(capsys, 2, main(["--lr", "inf", "--out", str(tmp_path / "a")]))
     assert "--lr must be a finite number" in line
+
+
+def test_out_or_cache_dir_under_a_file(tmp_path, tiny_args, capsys):
+    """A path under a regular file cannot be created, even by root."""
+    file = tmp_path / "file"
+    file.write_text("x")
+    line = one_line_error(capsys, 2, main(tiny_args + ["--out", str(file / "run")]))
+    assert "--out" in line and str(file) in line
+    line = one_line_error(capsys, 2, main(tiny_args + ["--out", str(tmp_path / "run"), "--cache-dir", str(file / "c")]))
+    assert "--cache-dir" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="permission bits do not stop root")
+def test_read_only_folders(tmp_path, tiny_args, tiny_yaml, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        line = one_line_error(capsys, 2, main(tiny_args + ["--out", str(locked / "run")]))
+        assert "not writable" in line
+    finally:
+        locked.chmod(0o755)
+    run = tmp_path / "run"
+    assert main(tiny_args + ["--config", tiny_yaml, "--out", str(run), "--max-steps", "2"]) == 0
+    capsys.readouterr()
+    for path in [run, *run.iterdir()]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        line = one_line_error(capsys, 2, main(["--resume", str(run), "--no-progress"]))
+        assert "not writable" in line
+    finally:
+        for path in [run, *run.iterdir()]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def test_resumed_run_on_a_read_only_file_system(tmp_path, tiny_args, tiny_yaml, capsys, monkeypatch):
+    """EROFS makes os.access(W_OK) false even for root; emulate it for the run directory."""
+    import pyfast.train.rundir
+
+    run = tmp_path / "run"
+    assert main(tiny_args + ["--config", tiny_yaml, "--out", str(run), "--max-steps", "2"]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    real = os.access
+    monkeypatch.setattr(pyfast.train.rundir.os, "access",
+                        lambda path, mode: False if str(path).startswith(str(run)) else real(path, mode))
+    line = one_line_error(capsys, 2, main(["--resume", str(run), "--no-progress"]))
+    assert "--resume" in line and "not writable" in line
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
