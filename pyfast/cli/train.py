@@ -81,6 +81,9 @@ def _main(args: argparse.Namespace, started: float) -> int:
         print(format_table(_read_summary(run)))
         return _fail(str(error), 1)
     print(format_table(summary))
+    if summary["status"] == "diverged":
+        return _fail(f"the model diverged: {summary['val_nonfinite_boxes']} validation boxes are non-finite "
+                     f"({summary['nonfinite_steps']} of {summary['steps']} steps were skipped); try a lower --lr", 1)
     code = exit_code(summary)
     if code:
         print(f"{PROG}: stopped by {summary['stopped_by']}; continue with: {PROG} --resume {run.paths.path}", file=sys.stderr)

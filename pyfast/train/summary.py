@@ -31,6 +31,7 @@ def summarize(run, status: str) -> dict:
         "val_mask_iou": last.get("val_mask_iou"),
         "val_ap_input": last.get("val_ap_input"),
         "val_ap_refined": last.get("val_ap_refined"),
+        "val_nonfinite_boxes": last.get("val_nonfinite_boxes"),
         "best_val_iou_refined": stats.best_val_iou,
         "nonfinite_steps": run.guard.total,
         "scaler_skipped_steps": stats.scaler_skips,
@@ -59,6 +60,8 @@ def _fmt(value, spec: str = ".3f") -> str:
 def format_table(summary: dict) -> str:
     wall = f"{_fmt(summary.get('wall_s'), '.1f')} s"
     refined = _fmt(summary.get("val_iou_refined"))
+    if summary.get("val_nonfinite_boxes"):
+        refined += f" ({summary['val_nonfinite_boxes']} non-finite boxes: diverged)"
     hit_rate = _fmt(summary.get("cache_hit_rate")) if summary.get("cache", True) else "off"
     rows = [
         ("status", summary.get("status")),

@@ -120,3 +120,32 @@ def test_resumed_run_on_a_read_only_file_system(tmp_path, tiny_args, tiny_yaml, 
     line = one_line_error(capsys, 2, main(["--resume", str(run), "--no-progress"]))
     assert "--resume" in line and "not writable" in line
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_divergence_on_a_small_set_is_reported_not_a_crash(tmp_path, capsys):
+    """lr 1e38: the first step is finite but throws the weights to inf; every step after is non-finite.
+    Epochs of 2 steps: validation must report the non-finite boxes, and the guard (3 in a row) must
+    still stop the run in the second epoch."""
+    run = tmp_path / "run"
+    code = main(["--data", "synthetic:,num_samples=20,image_size=32", "--image-size", "32", "--roi-size", "4",
+                 "--hidden", "8", "--lr", "1e38", "--epochs", "6", "--max-nonfinite-in-a-row", "3",
+                 "--out", str(run), "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("pyfast-train: error: 3 optimizer steps in a row")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["nonfinite_steps"] == 3 and summary["steps"] == 4 and summary["status"] == "failed: TrainingDiverged"
+    (first,) = read_jsonl(run / "val.jsonl")
+    assert first["val_nonfinite_boxes"] == first["val_boxes"] > 0
+    assert "non-finite" in out and "diverged" in out
+
+
+def test_a_run_that_ends_diverged_says_so(tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main(["--data", "synthetic:,num_samples=20,image_size=32", "--image-size", "32", "--roi-size", "4",
+                 "--hidden", "8", "--lr", "1e38", "--epochs", "1", "--out", str(run), "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("pyfast-train: error: the model diverged")
+    assert json.loads((run / "summary.json").read_text())["status"] == "diverged"
+    assert "non-finite boxes" in out
