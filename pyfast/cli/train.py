@@ -42,8 +42,13 @@ def _fail(message: str, code: int = 2) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
-    args = build_parser().parse_args(argv)
-    return _main(args, started)
+    args = None
+    try:
+        args = build_parser().parse_args(argv)
+        return _main(args, started)
+    except KeyboardInterrupt:  # while the run is being built: training handles its own Ctrl-C
+        left = "the run is as it was" if args is not None and args.resume else "nothing was written"
+        return _fail(f"interrupted before training started; {left}", 130)
 
 
 def _main(args: argparse.Namespace, started: float) -> int:

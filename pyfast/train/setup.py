@@ -381,10 +381,12 @@ def prepare(
         if resume is not None:
             truncate_after(paths.metrics, run.progress.step)
             truncate_after(paths.val, run.progress.step)
-    except OSError as error:  # the checks above passed, the file system still said no
+    except BaseException as error:  # the checks above passed, yet the file system said no, or Ctrl-C
         if created:
             shutil.rmtree(paths.path, ignore_errors=True)
-        raise RunDirError(f"cannot write the run directory {paths.path}: {error.strerror or error}") from None
+        if isinstance(error, OSError):
+            raise RunDirError(f"cannot write the run directory {paths.path}: {error.strerror or error}") from None
+        raise
     run.features = FeatureProvider(backbone, layout, use, cache, device, run.autocast, store_dtype)
     if cache is not None:
         data.dataset.features = CachedFeatures(cache, layout, use)

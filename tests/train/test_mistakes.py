@@ -149,3 +149,32 @@ def test_a_run_that_ends_diverged_says_so(tmp_path, capsys):
     assert err.strip().splitlines()[-1].startswith("pyfast-train: error: the model diverged")
     assert json.loads((run / "summary.json").read_text())["status"] == "diverged"
     assert "non-finite boxes" in out
+
+
+def test_ctrl_c_while_the_run_is_being_built(tmp_path):
+    (tmp_path / "slow_backbone.py").write_text(
+        "import pathlib, time\n"
+        "from pyfast.models import TinyBackbone\n"
+        "def make():\n"
+        "    pathlib.Path('building').write_text('yes')\n"
+        "    time.sleep(60)\n"
+        "    return TinyBackbone()\n"
+    )
+    cmd = [sys.executable, "-m", "pyfast.cli.train", "--backbone", "slow_backbone:make", "--out", str(tmp_path / "run"),
+           "--data", "synthetic:,num_samples=20,image_size=32", "--image-size", "32"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "building").exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["pyfast-train: error: interrupted before training started; nothing was written"]
+    assert not (tmp_path / "run").exists()
