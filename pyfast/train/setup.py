@@ -330,6 +330,11 @@ def prepare(
     happens before the run directory or the cache is created or written."""
     cfg = config.validate()
     paths = RunDir(Path(cfg.out) if cfg.out else default_run_dir())
+    if resume is None and paths.holds_run():
+        raise RunDirError(
+            f"--out {paths.path} already holds a run; continue it with `pyfast-train --resume {paths.path}` "
+            "or pick another --out (delete the folder to start over there)"
+        )
     check_writable(paths.path, "--out" if resume is None else "--resume")
     if resume is not None:
         check_files_writable([paths.config, paths.metrics, paths.val, paths.skipped, paths.last], "--resume")

@@ -178,3 +178,13 @@ def test_ctrl_c_while_the_run_is_being_built(tmp_path):
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == ["pyfast-train: error: interrupted before training started; nothing was written"]
     assert not (tmp_path / "run").exists()
+
+
+def test_an_out_that_holds_a_run_is_refused(tmp_path, tiny_args, tiny_yaml, capsys):
+    run = tmp_path / "run"
+    assert main(tiny_args + ["--config", tiny_yaml, "--out", str(run), "--max-steps", "2"]) == 0
+    capsys.readouterr()
+    metrics = (run / "metrics.jsonl").read_bytes()
+    line = one_line_error(capsys, 2, main(tiny_args + ["--config", tiny_yaml, "--out", str(run)]))
+    assert f"--resume {run}" in line and "another --out" in line
+    assert (run / "metrics.jsonl").read_bytes() == metrics
