@@ -29,7 +29,8 @@ from pyfast.cache import FeatureCache
 from pyfast.data import Letterbox, RobustDataset, SkipTracker, build_sources, collate
 from pyfast.models import BackboneError, FeatureMap, Refiner, load_backbone, probe
 from pyfast.train.checkpoint import CheckpointError, load_checkpoint, load_state_dict_checked, save_checkpoint
-from pyfast.train.config import ConfigError, TrainConfig, build_config, save_config
+from pyfast.train.config import FIELDS, ConfigError, TrainConfig, build_config, save_config
+from pyfast.train.config import flag_name as flag
 from pyfast.train.features import STORE_DTYPES, CachedFeatures, FeatureProvider, feature_fingerprint
 from pyfast.train.guards import NonFiniteGuard
 from pyfast.train.metrics import truncate_after
@@ -39,6 +40,11 @@ from pyfast.train.state import Progress, RngState, RunStats
 
 SPLIT_SEED = 20261123  # the train/val split does not move with --seed: runs compare on one val set
 CHECKPOINT_FORMAT = "pyfast.train/2"
+# Settings a resumed run may change without breaking its exact continuation.
+RESUME_SAFE = ("max_steps", "workers", "checkpoint_every", "max_nonfinite_in_a_row", "max_skip_fraction",
+               "cache_dir", "out", "device", "fast")
+# Allowed, but it changes the schedule from the resume point on (the log says how).
+RESUME_RESCHEDULES = ("epochs",)
 
 
 # ---------------------------------------------------------------------------------------- devices
@@ -300,8 +306,13 @@ class Run:
 
 
 def plan_resume(run_dir, layers: list[dict], log: Callable[[str], None] = print) -> tuple[TrainConfig, dict]:
-    """The configuration and the checkpoint of a run to continue: the checkpoint's own config
-    updated by `layers` (--fast, --config, flags). Nothing is written."""
+    """The configuration and the checkpoint of a run to continue.
+
+    The checkpoint's own config is the base (config.yaml is for reading); `layers` (--fast,
+    --config, flags) may only change what keeps the continuation exact (RESUME_SAFE) or `epochs`
+    (the log says how the schedule changes); anything else raises ConfigError naming the settings.
+    Nothing is written.
+    """
     paths = RunDir(Path(run_dir))
     if not paths.last.exists():
         missing = "config.yaml and checkpoints/last.pt are" if not paths.config.exists() else "checkpoints/last.pt is"
@@ -310,10 +321,25 @@ def plan_resume(run_dir, layers: list[dict], log: Callable[[str], None] = print)
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {paths.last} has format {checkpoint.get('format')!r}, this pyfast resumes "
                               f"{CHECKPOINT_FORMAT!r}; start a new run")
+    saved = checkpoint["config"]
     try:
-        merged = build_config(checkpoint["config"], *layers, {"out": str(run_dir)})
+        merged = build_config(saved, *layers, {"out": str(run_dir)})
     except ConfigError as error:
         raise CheckpointError(f"checkpoint {paths.last}: {error}") from None
+    changed = {name: (saved.get(name), getattr(merged, name)) for name in FIELDS if saved.get(name) != getattr(merged, name)}
+    refused = [name for name in changed if name not in RESUME_SAFE + RESUME_RESCHEDULES]
+    if refused:
+        listed = "; ".join(f"{flag(n)} {changed[n][0]!r} -> {changed[n][1]!r}" for n in refused)
+        allowed = ", ".join(flag(n) for n in RESUME_SAFE + RESUME_RESCHEDULES if n not in ("out", "fast"))
+        raise ConfigError(
+            f"--resume {run_dir}: changing {listed} would not continue the run exactly; on resume only "
+            f"{allowed} may change (start a new run with another --out to use other settings)"
+        )
+    if "epochs" in changed:
+        old, new = changed["epochs"]
+        log(f"--epochs {old} -> {new}: the learning-rate schedule now spans {new} epochs from step "
+            f"{checkpoint['progress']['step']} on (steps taken keep their rates), so the result differs "
+            f"from a run started with --epochs {new}")
     return merged, checkpoint
 
 
@@ -375,7 +401,13 @@ def prepare(
     fingerprint = feature_fingerprint(backbone, data.dataset.preprocess.fingerprint(), cfg.image_size, precision, store_dtype)
 
     if resume is not None:
+        if resume["data"] != data.identity():
+            raise ConfigError(f"--resume {paths.path}: the data set changed since the checkpoint "
+                              f"({resume['data']} then, {data.identity()} now); resuming would not continue the run")
         run.restore(resume)
+        if resume["device"] != str(device):
+            log(f"note: the run continues on {device} after {resume['device']}: its numbers will not be bit-identical "
+                "to an uninterrupted run")
 
     # ---- everything checked: create and write
     created = not paths.path.exists()

@@ -188,3 +188,46 @@ def test_an_out_that_holds_a_run_is_refused(tmp_path, tiny_args, tiny_yaml, caps
     line = one_line_error(capsys, 2, main(tiny_args + ["--config", tiny_yaml, "--out", str(run)]))
     assert f"--resume {run}" in line and "another --out" in line
     assert (run / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_resume_refuses_what_breaks_exactness_and_allows_the_rest(tmp_path, tiny_args, tiny_yaml, capsys):
+    run = tmp_path / "run"
+    assert main(tiny_args + ["--config", tiny_yaml, "--out", str(run), "--max-steps", "2"]) == 0
+    capsys.readouterr()
+    config = (run / "config.yaml").read_bytes()
+    for flags, named in ((["--batch-size", "4"], "--batch-size 8 -> 4"), (["--image-size", "64"], "--image-size"),
+                         (["--accumulate", "2"], "--accumulate"), (["--lr", "0.5"], "--lr"),
+                         (["--data", "synthetic:,num_samples=41,image_size=32"], "--data")):
+        line = one_line_error(capsys, 2, main(["--resume", str(run), "--no-progress", *flags]))
+        assert named in line and "--max-steps" in line, line  # names the setting, says what may change
+        assert (run / "config.yaml").read_bytes() == config
+    assert main(["--resume", str(run), "--max-steps", "4", "--workers", "0", "--checkpoint-every", "1",
+                 "--epochs", "3", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "--epochs 2 -> 3" in out and "schedule" in out
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_a_data_set_that_changed_on_disk(tmp_path, capsys):
+    import numpy as np
+
+    data = tmp_path / "frames"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+
+    def write(i):
+        masks = np.zeros((1, 32, 32), bool)
+        masks[0, 4:20, 6:24] = True
+        np.savez(data / f"{i}.npz", image=rng.integers(0, 255, (32, 32, 3), dtype=np.uint8),
+                 boxes=np.array([[6, 4, 24, 20]], np.float32), masks=masks)
+
+    for i in range(12):
+        write(i)
+    run = tmp_path / "run"
+    args = ["--data", f"npz:{data}", "--image-size", "32", "--batch-size", "4", "--roi-size", "4", "--hidden", "8",
+            "--no-progress"]
+    assert main(args + ["--out", str(run), "--max-steps", "1"]) == 0
+    write(12)
+    capsys.readouterr()
+    line = one_line_error(capsys, 2, main(["--resume", str(run), "--no-progress"]))
+    assert "data set changed" in line
