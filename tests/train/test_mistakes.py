@@ -231,3 +231,26 @@ def test_resume_refuses_a_data_set_that_changed_on_disk(tmp_path, capsys):
     capsys.readouterr()
     line = one_line_error(capsys, 2, main(["--resume", str(run), "--no-progress"]))
     assert "data set changed" in line
+
+
+def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, tiny_args, tiny_yaml, capsys):
+    import torch
+
+    from pyfast.train import CheckpointError, load_checkpoint
+
+    run = tmp_path / "run"
+    assert main(tiny_args + ["--config", tiny_yaml, "--out", str(run), "--max-steps", "3"]) == 0
+    capsys.readouterr()
+    last = run / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)["optimizer"]["state"]
+    target = max((t for s in state.values() for t in s.values() if t.dim()), key=lambda t: t.numel())
+    data = bytearray(last.read_bytes())
+    start = data.find(target.numpy().tobytes())
+    assert start > 0 and target.numel() * 4 >= 400
+    for i in range(start, start + 400):
+        data[i] ^= 0x5A
+    last.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_checkpoint(last)
+    line = one_line_error(capsys, 2, main(["--resume", str(run), "--no-progress"]))
+    assert str(last) in line and "damaged" in line
