@@ -110,7 +110,7 @@ def fit(run, metrics: MetricsLog, stop: GracefulStop, clock: Clock, loss_hook: L
             bar.update(1)
             bar.set_postfix({"s/batch": f"{seconds / count:.3f}", "loss": f"{result.loss:.4f}"}, refresh=False)
             if not result.applied:
-                run.log(f"step {progress.step}: non-finite loss or gradient, step skipped")
+                run.log(f"step {progress.step}: non-finite loss or gradient, step skipped; its samples: {result.samples}")
             run.guard.update(result.applied, progress.step)
             if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0:
                 clock.save("last")

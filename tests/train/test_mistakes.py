@@ -23,6 +23,9 @@ def one_line_error(capsys, code_expected, code):
     return lines[0]
 
 
+# ---------------------------------------------------------------------------------- bad inputs
+
+
 def test_npz_spec_that_is_a_file(tmp_path, tiny_args, capsys):
     file = tmp_path / "frames.npz"
     file.write_bytes(b"not a folder")
@@ -70,6 +73,9 @@ def test_help_shows_defaults_and_what_fast_sets(capsys):
 def test_infinite_lr_is_refused(tmp_path, capsys):
     line = one_line_error(capsys, 2, main(["--lr", "inf", "--out", str(tmp_path / "a")]))
     assert "--lr must be a finite number" in line
+
+
+# ---------------------------------------------------------------------------- unwritable places
 
 
 def test_out_or_cache_dir_under_a_file(tmp_path, tiny_args, capsys):
@@ -122,6 +128,9 @@ def test_resumed_run_on_a_read_only_file_system(tmp_path, tiny_args, tiny_yaml, 
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
+# ------------------------------------------------------------------------------------ divergence
+
+
 def test_divergence_on_a_small_set_is_reported_not_a_crash(tmp_path, capsys):
     """lr 1e38: the first step is finite but throws the weights to inf; every step after is non-finite.
     Epochs of 2 steps: validation must report the non-finite boxes, and the guard (3 in a row) must
@@ -151,6 +160,9 @@ def test_a_run_that_ends_diverged_says_so(tmp_path, capsys):
     assert "non-finite boxes" in out
 
 
+# ----------------------------------------------------------------------------- interruptions
+
+
 def test_ctrl_c_while_the_run_is_being_built(tmp_path):
     (tmp_path / "slow_backbone.py").write_text(
         "import pathlib, time\n"
@@ -178,6 +190,9 @@ def test_ctrl_c_while_the_run_is_being_built(tmp_path):
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == ["pyfast-train: error: interrupted before training started; nothing was written"]
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------- run directories
 
 
 def test_an_out_that_holds_a_run_is_refused(tmp_path, tiny_args, tiny_yaml, capsys):
@@ -254,3 +269,50 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, tiny_args, ti
         load_checkpoint(last)
     line = one_line_error(capsys, 2, main(["--resume", str(run), "--no-progress"]))
     assert str(last) in line and "damaged" in line
+
+
+# ------------------------------------------------------------------------------ what a run reports
+
+
+def test_corrupt_cache_entries_are_counted_not_hits(tmp_path, tiny_config, capsys):
+    from pyfast.train import build_config, format_table, prepare, train
+
+    run = prepare(build_config(tiny_config, {"out": str(tmp_path / "run")}), log=lambda *a: None)
+    damaged = []
+
+    def damage_in_epoch_2(step, loss):
+        if step == run.steps_per_epoch + 1 and not damaged:  # epoch 1 filled the cache; damage what epoch 2 reads next
+            for index in run.data.val_indices:
+                path = run.features.cache.path(run.data.dataset.sources[0].key(index))
+                data = bytearray(open(path, "rb").read())
+                data[-3] ^= 0xFF
+                open(path, "wb").write(bytes(data))
+                damaged.append(path)
+        return loss
+
+    summary = train(run, loss_hook=damage_in_epoch_2, progress_bar=False)
+    assert damaged and summary["cache_corrupt"] == len(damaged)
+    lookups = summary["cache_lookups_warm"]
+    assert summary["cache_hit_rate"] == pytest.approx((lookups - len(damaged)) / lookups)
+    assert re.search(rf"cache entries found corrupt +{len(damaged)}\n", format_table(summary))
+
+
+def test_wall_time_covers_every_segment_of_a_resumed_run(tmp_path, tiny_args, tiny_yaml, capsys):
+    run = tmp_path / "run"
+    assert main(tiny_args + ["--config", tiny_yaml, "--out", str(run), "--max-steps", "3"]) == 0
+    first = json.loads((run / "summary.json").read_text())["wall_s"]
+    assert main(["--resume", str(run), "--max-steps", "6", "--no-progress"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert len(summary["wall_segments_s"]) == 2 and summary["wall_segments_s"][0] == pytest.approx(first)
+    assert summary["wall_s"] == pytest.approx(sum(summary["wall_segments_s"]))
+    assert "whole run: 2 segments" in capsys.readouterr().out
+
+
+def test_a_non_finite_step_names_its_samples(tmp_path, tiny_config):
+    from pyfast.train import build_config, prepare, train
+
+    said = []
+    run = prepare(build_config(tiny_config, {"out": str(tmp_path / "run"), "max_steps": 3}), log=said.append)
+    train(run, loss_hook=lambda step, loss: loss * float("nan") if step == 2 else loss, progress_bar=False)
+    (line,) = [s for s in said if "step 2" in s]
+    assert "non-finite" in line and "synthetic: synthetic[" in line
