@@ -29,8 +29,7 @@ from pyfast.cache import FeatureCache
 from pyfast.data import Letterbox, RobustDataset, SkipTracker, build_sources, collate
 from pyfast.models import BackboneError, FeatureMap, Refiner, load_backbone, probe
 from pyfast.train.checkpoint import CheckpointError, load_checkpoint, load_state_dict_checked, save_checkpoint
-from pyfast.train.config import FIELDS, ConfigError, TrainConfig, build_config, save_config
-from pyfast.train.config import flag_name as flag
+from pyfast.train.config import FIELDS, ConfigError, TrainConfig, build_config, flag_name, save_config
 from pyfast.train.features import STORE_DTYPES, CachedFeatures, FeatureProvider, feature_fingerprint
 from pyfast.train.guards import NonFiniteGuard
 from pyfast.train.metrics import truncate_after
@@ -80,6 +79,14 @@ def describe_backend(device: torch.device) -> str:
     return f"reference (no native {device.type} kernels in this build)"
 
 
+def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """A zero-argument callable returning the autocast context of `precision` (none for fp32)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
 def lr_lambda(warmup: int, total: int, floor: float = 0.05) -> Callable[[int], float]:
     """Linear warm-up over `warmup` steps, then a cosine decay to `floor` at step `total`."""
 
@@ -123,6 +130,9 @@ class TrainData:
         # every training sample is met once an epoch (the last batch may be smaller), so the first
         # epoch fills the feature cache completely
         return math.ceil(len(self.train_indices) / self.batch_size)
+
+    def steps_per_epoch(self, accumulate: int) -> int:
+        return math.ceil(self.micro_per_epoch / accumulate)
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         perm = torch.randperm(len(self.train_indices), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
@@ -249,6 +259,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    autocast: Callable[[], contextlib.AbstractContextManager]  # the precision's autocast context, per use
     weights: LossWeights
     guard: NonFiniteGuard
     skips: SkipTracker
@@ -259,15 +270,7 @@ class Run:
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.data.micro_per_epoch / self.cfg.accumulate)
-
-    @property
-    def total_steps(self) -> int:
-        return self.steps_per_epoch * self.cfg.epochs
-
-    def autocast(self):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        return contextlib.nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
+        return self.data.steps_per_epoch(self.cfg.accumulate)
 
     def stateful(self) -> dict:
         """Every object whose state a checkpoint holds, by checkpoint key: the one list that both
@@ -329,8 +332,8 @@ def plan_resume(run_dir, layers: list[dict], log: Callable[[str], None] = print)
     changed = {name: (saved.get(name), getattr(merged, name)) for name in FIELDS if saved.get(name) != getattr(merged, name)}
     refused = [name for name in changed if name not in RESUME_SAFE + RESUME_RESCHEDULES]
     if refused:
-        listed = "; ".join(f"{flag(n)} {changed[n][0]!r} -> {changed[n][1]!r}" for n in refused)
-        allowed = ", ".join(flag(n) for n in RESUME_SAFE + RESUME_RESCHEDULES if n not in ("out", "fast"))
+        listed = "; ".join(f"{flag_name(n)} {changed[n][0]!r} -> {changed[n][1]!r}" for n in refused)
+        allowed = ", ".join(flag_name(n) for n in RESUME_SAFE + RESUME_RESCHEDULES if n not in ("out", "fast"))
         raise ConfigError(
             f"--resume {run_dir}: changing {listed} would not continue the run exactly; on resume only "
             f"{allowed} may change (start a new run with another --out to use other settings)"
@@ -386,19 +389,22 @@ def prepare(
     data = build_data(cfg, device, log)
     backbone, layout, use = build_backbone(cfg, device)
     model = build_model(cfg, layout, use, device)
-    run = Run(
-        cfg=cfg, paths=paths, device=device, precision=precision, backend=backend, world_size=1, data=data,
-        features=None, model=model, optimizer=None, scheduler=None, scaler=None,
-        weights=LossWeights(cfg.box_weight, cfg.mask_weight, cfg.iou_weight, cfg.box_loss),
-        guard=NonFiniteGuard(cfg.max_nonfinite_in_a_row), skips=None, progress=Progress(), stats=RunStats(),
-        rng=RngState(), log=log,
-    )
-    run.optimizer, run.scheduler, run.scaler = build_optimizer(cfg, model, run.total_steps, device, precision)
-    skips = SkipTracker(len(data.dataset), max_fraction=cfg.max_skip_fraction, log_path=paths.skipped,
-                        resume=resume is not None)
-    run.skips = skips
+    optimizer, scheduler, scaler = build_optimizer(cfg, model, data.steps_per_epoch(cfg.accumulate) * cfg.epochs,
+                                                   device, precision)
     store_dtype = STORE_DTYPES[cfg.cache_dtype]
     fingerprint = feature_fingerprint(backbone, data.dataset.preprocess.fingerprint(), cfg.image_size, precision, store_dtype)
+    autocast = autocast_for(device, precision)
+    run = Run(
+        cfg=cfg, paths=paths, device=device, precision=precision, backend=backend, world_size=1, data=data,
+        # the cache is attached once it exists, after every check
+        features=FeatureProvider(backbone, layout, use, None, device, autocast, store_dtype),
+        model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, autocast=autocast,
+        weights=LossWeights(cfg.box_weight, cfg.mask_weight, cfg.iou_weight, cfg.box_loss),
+        guard=NonFiniteGuard(cfg.max_nonfinite_in_a_row),
+        skips=SkipTracker(len(data.dataset), max_fraction=cfg.max_skip_fraction, log_path=paths.skipped,
+                          resume=resume is not None),
+        progress=Progress(), stats=RunStats(), rng=RngState(), log=log,
+    )
 
     if resume is not None:
         if resume["data"] != data.identity():
@@ -424,7 +430,7 @@ def prepare(
         if isinstance(error, OSError):
             raise RunDirError(f"cannot write the run directory {paths.path}: {error.strerror or error}") from None
         raise
-    run.features = FeatureProvider(backbone, layout, use, cache, device, run.autocast, store_dtype)
+    run.features.cache = cache
     if cache is not None:
         data.dataset.features = CachedFeatures(cache, layout, use)
     if resume is not None:

@@ -3,7 +3,6 @@ assembled from the stateful objects; a run says what ran."""
 
 import sys
 
-import pytest
 import torch
 
 import pyfast.train.metrics
