@@ -2,9 +2,9 @@
 
 Argument parsing and printing only; the work is `pyfast.train.prepare` and `pyfast.train.train`.
 Settings layer as defaults < --fast < --config FILE.yaml < flags; `--resume` starts from the
-run's checkpoint and accepts only the changes that keep its continuation exact. Every mistake is
-one line on stderr (`pyfast-train: error: ...`): exit 2 before training starts, 1 when training
-fails, 130 for Ctrl-C, 128 + N when signal N stopped the run (it resumes).
+run's checkpoint and accepts only the changes that keep its continuation exact. A mistake is one
+line on stderr (`pyfast-train: error: ...`): exit 2 before training starts, 1 when training fails
+or diverges, 130 for Ctrl-C, 128 + N when signal N stopped the run (it resumes).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ PROG = "pyfast-train"
 
 def build_parser() -> argparse.ArgumentParser:
     from pyfast.cli.options import add_config_flags
+    from pyfast.train.config import flag_name
+    from pyfast.train.setup import RESUME_RESCHEDULES, RESUME_SAFE
 
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -26,10 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
         "With no arguments: the embedded synthetic data set and a small seeded backbone.",
         epilog="Every option is also a key of --config files and of a run's config.yaml.",
     )
+    allowed = [flag_name(n) for n in RESUME_SAFE + RESUME_RESCHEDULES if n not in ("out", "fast")]
     parser.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
                         help="continue a run from its last checkpoint (RUN_DIR, or the --out folder); only "
-                        "--max-steps, --epochs, --workers, --checkpoint-every, --device, --cache-dir, "
-                        "--max-nonfinite-in-a-row and --max-skip-fraction may change")
+                        f"{', '.join(allowed[:-1])} and {allowed[-1]} may change")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_flags(parser)
     return parser
