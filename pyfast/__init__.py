@@ -11,12 +11,14 @@ from pyfast.cache import (
     make_fingerprint,
     pack,
 )
-from pyfast.ops import box_iou, box_loss, mask_iou, mask_loss
+from pyfast.ops import BoxLoss, MaskLoss, box_iou, box_loss, mask_iou, mask_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BoxLoss",
     "FeatureCache",
+    "MaskLoss",
     "Packed",
     "PackedFormatError",
     "__version__",

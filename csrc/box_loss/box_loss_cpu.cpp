@@ -18,14 +18,57 @@ constexpr int64_t kMinBlocksPerThread = 8;
 
 // The per-box loops below are branch-free maps over one block (the weight and output choices are
 // template parameters) so that the compiler vectorizes them.
-template <bool VARIANT, bool WEIGHTED, class T, class Loss, class A>
+template <bool VARIANT, int WEIGHT, class T, class Loss, class A>
 PYFAST_SIMD_CLONES void map_block(const Loss& loss, int64_t count, const T* pred, const T* target, const A* weight, A* out) {
   for (int64_t j = 0; j < count; ++j) {
     A p[4], t[4];
     box::load_box(pred + 4 * j, p);
     box::load_box(target + 4 * j, t);
-    A value = VARIANT ? loss.variant(p, t) : loss.forward(p, t);
-    if (WEIGHTED) value *= weight[j];
+    A value;
+    if (VARIANT) {
+      value = loss.variant(p, t);
+    } else if (WEIGHT == box::kPerCoordinate) {
+      value = loss.forward_weighted(p, t, weight + 4 * j);
+    } else {
+      value = loss.forward(p, t);
+      if (WEIGHT == box::kPerBox) value *= weight[j];
+    }
+    out[j] = value;
+  }
+}
+
+// Elements of `weight` per box.
+inline int64_t weight_stride(box::Weight kind) { return kind == box::kPerCoordinate ? 4 : 1; }
+
+// Whether any coordinate of a block's boxes reaches box::PairScale's threshold: one cheap pass that
+// lets the ordinary blocks run the loops without the scaling step. float16 never reaches it.
+template <class A, class T>
+PYFAST_SIMD_CLONES bool block_needs_scale(const T* pred, const T* target, int64_t count) {
+  if (std::is_same<T, Half>::value) return false;
+  int any = 0;
+  for (int64_t i = 0; i < 4 * count; ++i) {
+    any |= int(box::PairScale::needs_scale(to_acc<A>(pred[i]))) | int(box::PairScale::needs_scale(to_acc<A>(target[i])));
+  }
+  return any != 0;
+}
+
+// Any output and weight kind, box by box: the blocks that need the scaling step (rare, so plain).
+template <class T, class Loss, class A>
+void map_block_generic(const Loss& loss, int64_t count, const T* pred, const T* target, box::Output output,
+                       box::Weight weight_kind, const A* weight, A* out) {
+  for (int64_t j = 0; j < count; ++j) {
+    A p[4], t[4];
+    box::load_box(pred + 4 * j, p);
+    box::load_box(target + 4 * j, t);
+    A value;
+    if (output == box::kVariant) {
+      value = loss.variant(p, t);
+    } else if (weight_kind == box::kPerCoordinate) {
+      value = loss.forward_weighted(p, t, weight + 4 * j);
+    } else {
+      value = loss.forward(p, t);
+      if (weight_kind == box::kPerBox) value *= weight[j];
+    }
     out[j] = value;
   }
 }
@@ -45,8 +88,13 @@ template <class A> double sum_block(const A* values, int64_t count) {
 }
 
 template <class T, class Loss, class A = typename Acc<T>::type>
-void forward_impl(const Loss& loss, int64_t n, const T* pred, const T* target, const A* weight, A* out, int output,
-                  bool reduce, A scale, int num_threads) {
+void forward_impl(const Loss& loss, const BoxLossForward& args, int num_threads) {
+  const int64_t n = args.n;
+  const T* pred = args.pred.as<const T>();
+  const T* target = args.target.as<const T>();
+  const A* weight = args.weight.as<const A>();
+  A* out = args.out.as<A>();
+  const bool reduce = args.reduction != Reduction::None;
   const int64_t num_blocks = ceil_div(n, kBoxesPerBlock);
   // Per-block partial sums in double, added in block order: the result does not depend on the
   // thread count.
@@ -55,22 +103,26 @@ void forward_impl(const Loss& loss, int64_t n, const T* pred, const T* target, c
     const int64_t begin = b * kBoxesPerBlock, count = std::min(n, begin + kBoxesPerBlock) - begin;
     const T* p = pred + 4 * begin;
     const T* t = target + 4 * begin;
-    const A* w = weight ? weight + begin : nullptr;
+    const A* w = weight ? weight + begin * weight_stride(args.weight_kind) : nullptr;
     A scratch[kBoxesPerBlock];
     A* dst = reduce ? scratch : out + begin;
-    if (output == box::kVariant) {
-      map_block<true, false>(loss, count, p, t, w, dst);
-    } else if (w) {
-      map_block<false, true>(loss, count, p, t, w, dst);
+    if (block_needs_scale<A>(p, t, count)) {
+      map_block_generic(loss.scaled(), count, p, t, args.output, args.weight_kind, w, dst);
+    } else if (args.output == box::kVariant) {
+      map_block<true, box::kNoWeight>(loss, count, p, t, w, dst);
+    } else if (args.weight_kind == box::kPerCoordinate) {
+      map_block<false, box::kPerCoordinate>(loss, count, p, t, w, dst);
+    } else if (args.weight_kind == box::kPerBox) {
+      map_block<false, box::kPerBox>(loss, count, p, t, w, dst);
     } else {
-      map_block<false, false>(loss, count, p, t, w, dst);
+      map_block<false, box::kNoWeight>(loss, count, p, t, w, dst);
     }
     if (reduce) partial[b] = sum_block(scratch, count);
   });
   if (reduce) {
     double total = 0.0;
     for (double v : partial) total += v;
-    out[0] = static_cast<A>(total * static_cast<double>(scale));
+    out[0] = static_cast<A>(total * static_cast<double>(A(reduction_scale(args.reduction, n, args.avg_factor))));
   }
 }
 
@@ -91,25 +143,70 @@ PYFAST_SIMD_CLONES void backward_block(const Loss& loss, int64_t count, const A*
   }
 }
 
+// The backward for any weight kind, box by box: per-coordinate weights (mmdet-style inputs, not
+// the hot path) and the blocks that need the scaling step.
+template <class T, class Loss, class A>
+void backward_block_generic(const Loss& loss, int64_t count, const A* grad_out, bool grad_is_scalar, A g_scalar,
+                            A scale, const T* pred, const T* target, box::Weight weight_kind, const A* weight,
+                            T* grad_pred, T* grad_target, A* grad_weight) {
+  for (int64_t j = 0; j < count; ++j) {
+    A p[4], t[4], gp[4], gt[4];
+    box::load_box(pred + 4 * j, p);
+    box::load_box(target + 4 * j, t);
+    const A g = grad_is_scalar ? g_scalar : grad_out[j] * scale;
+    if (weight_kind == box::kPerCoordinate) {
+      if (grad_weight) loss.weight_grad(p, t, g, grad_weight + 4 * j);
+      loss.backward_weighted(p, t, g, weight + 4 * j, gp, gt);
+    } else {
+      if (grad_weight) grad_weight[j] = g * loss.forward(p, t);
+      loss.backward(p, t, weight_kind == box::kPerBox ? g * weight[j] : g, gp, gt);
+    }
+    for (int k = 0; k < 4; ++k) grad_pred[4 * j + k] = from_acc<T>(gp[k]);
+    if (grad_target) {
+      for (int k = 0; k < 4; ++k) grad_target[4 * j + k] = from_acc<T>(gt[k]);
+    }
+  }
+}
+
 template <class T, class Loss, class A = typename Acc<T>::type>
-void backward_impl(const Loss& loss, int64_t n, const A* grad_out, bool grad_is_scalar, A scale, const T* pred,
-                   const T* target, const A* weight, T* grad_pred, T* grad_target, A* grad_weight, int num_threads) {
+void backward_impl(const Loss& loss, const BoxLossBackward& args, int num_threads) {
+  const int64_t n = args.n;
+  const A* grad_out = args.grad_out.as<const A>();
+  const bool grad_is_scalar = args.reduction != Reduction::None;
+  const A scale = A(reduction_scale(args.reduction, n, args.avg_factor));
+  const T* pred = args.pred.as<const T>();
+  const T* target = args.target.as<const T>();
+  const A* weight = args.weight.as<const A>();
+  T* grad_pred = args.grad_pred.as<T>();
+  T* grad_target = args.grad_target.as<T>();
+  A* grad_weight = args.grad_weight.as<A>();
+  const int64_t stride = weight_stride(args.weight_kind);
   const A g_scalar = grad_is_scalar ? grad_out[0] * scale : A(0);
   parallel_blocks(ceil_div(n, kBoxesPerBlock), num_threads, kMinBlocksPerThread, [&](int64_t b) {
     const int64_t begin = b * kBoxesPerBlock, count = std::min(n, begin + kBoxesPerBlock) - begin;
     const T* p = pred + 4 * begin;
     const T* t = target + 4 * begin;
     const A* g = grad_is_scalar ? grad_out : grad_out + begin;
-    const A* w = weight ? weight + begin : nullptr;
+    const A* w = weight ? weight + begin * stride : nullptr;
     T* gp = grad_pred + 4 * begin;
     T* gt = grad_target ? grad_target + 4 * begin : nullptr;
-    if (grad_weight) {
+    A* gw = grad_weight ? grad_weight + begin * stride : nullptr;
+    if (block_needs_scale<A>(p, t, count)) {
+      backward_block_generic(loss.scaled(), count, g, grad_is_scalar, g_scalar, scale, p, t, args.weight_kind, w,
+                             gp, gt, gw);
+      return;
+    }
+    if (args.weight_kind == box::kPerCoordinate) {
+      backward_block_generic(loss, count, g, grad_is_scalar, g_scalar, scale, p, t, args.weight_kind, w, gp, gt, gw);
+      return;
+    }
+    if (gw) {
       // d loss / d weight_i = g_i * unweighted loss_i
       for (int64_t j = 0; j < count; ++j) {
         A pb[4], tb[4];
         box::load_box(p + 4 * j, pb);
         box::load_box(t + 4 * j, tb);
-        grad_weight[begin + j] = (grad_is_scalar ? g_scalar : g[j] * scale) * loss.forward(pb, tb);
+        gw[j] = (grad_is_scalar ? g_scalar : g[j] * scale) * loss.forward(pb, tb);
       }
     }
     // Eight specializations: the common case (scalar grad, no weight, pred only) stays branch-free.
@@ -141,33 +238,19 @@ void backward_impl(const Loss& loss, int64_t n, const A* grad_out, bool grad_is_
 
 }  // namespace
 
-void box_loss_forward_cpu(const BoxLossArgs& args, const void* pred, const void* target, const void* weight,
-                          void* out, int output, bool reduce, double scale, int num_threads) {
+void box_loss_forward_cpu(const BoxLossForward& args, int num_threads) {
   dispatch_float(args.dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = typename Acc<T>::type;
-    box::dispatch_box_loss<A>(args.mode, args.format, A(args.l1_weight), A(args.iou_weight), A(args.eps),
-                              [&](const auto& loss) {
-                                forward_impl<T>(loss, args.n, static_cast<const T*>(pred),
-                                                static_cast<const T*>(target), static_cast<const A*>(weight),
-                                                static_cast<A*>(out), output, reduce, A(scale), num_threads);
-                              });
+    box::dispatch_box_loss<A>(args.options, [&](const auto& loss) { forward_impl<T>(loss, args, num_threads); });
   });
 }
 
-void box_loss_backward_cpu(const BoxLossArgs& args, const void* grad_out, bool grad_is_scalar, double scale,
-                           const void* pred, const void* target, const void* weight, void* grad_pred,
-                           void* grad_target, void* grad_weight, int num_threads) {
+void box_loss_backward_cpu(const BoxLossBackward& args, int num_threads) {
   dispatch_float(args.dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = typename Acc<T>::type;
-    box::dispatch_box_loss<A>(
-        args.mode, args.format, A(args.l1_weight), A(args.iou_weight), A(args.eps), [&](const auto& loss) {
-          backward_impl<T>(loss, args.n, static_cast<const A*>(grad_out), grad_is_scalar, A(scale),
-                           static_cast<const T*>(pred), static_cast<const T*>(target), static_cast<const A*>(weight),
-                           static_cast<T*>(grad_pred), static_cast<T*>(grad_target), static_cast<A*>(grad_weight),
-                           num_threads);
-        });
+    box::dispatch_box_loss<A>(args.options, [&](const auto& loss) { backward_impl<T>(loss, args, num_threads); });
   });
 }
 
