@@ -24,15 +24,14 @@ def _available(name: str) -> bool:
     return bool(module is not None and hasattr(module, "is_available") and module.is_available())
 
 
-def test_devices() -> list[str]:
+def devices_to_test() -> list[str]:
     setting = os.environ.get("PYFAST_TEST_DEVICES", "").strip()
     if not setting:
         return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     return [name.strip() for name in setting.split(",") if name.strip()]
 
 
-test_devices.__test__ = False  # a helper, not a test
-DEVICES = test_devices()
+DEVICES = devices_to_test()
 
 
 def pytest_configure(config):
