@@ -16,14 +16,34 @@ constexpr int64_t kBoxesPerBlock = 2048;
 // Below ~16k boxes a second thread costs more to start than it saves.
 constexpr int64_t kMinBlocksPerThread = 8;
 
+// |x| as bits (non-negative IEEE numbers order like their bit patterns), and the bits of
+// box::PairScale's threshold 2^kMaxExp: an integer max that rides along in the vectorized loops.
+inline uint32_t abs_bits(float x) { return float_to_bits(x) & 0x7FFFFFFFu; }
+inline uint64_t abs_bits(double x) { return double_to_bits(x) & 0x7FFFFFFFFFFFFFFFull; }
+inline bool reaches_scale_threshold(uint32_t bits) { return bits >= uint32_t(127 + box::PairScale::kMaxExpFloat) << 23; }
+inline bool reaches_scale_threshold(uint64_t bits) {
+  return bits >= uint64_t(1023 + box::PairScale::kMaxExpDouble) << 52;
+}
+template <class A> inline auto pair_bits(const A* p, const A* t) {
+  auto m = abs_bits(p[0]);
+  for (int k = 1; k < 4; ++k) m = m > abs_bits(p[k]) ? m : abs_bits(p[k]);
+  for (int k = 0; k < 4; ++k) m = m > abs_bits(t[k]) ? m : abs_bits(t[k]);
+  return m;
+}
+
 // The per-box loops below are branch-free maps over one block (the weight and output choices are
-// template parameters) so that the compiler vectorizes them.
+// template parameters) so that the compiler vectorizes them. They run the loss without the
+// PairScale step and return whether a pair needed it (a coordinate at or beyond its threshold,
+// inf and NaN included); the caller then redoes that block with the scaled loss.
 template <bool VARIANT, int WEIGHT, class T, class Loss, class A>
-PYFAST_SIMD_CLONES void map_block(const Loss& loss, int64_t count, const T* pred, const T* target, const A* weight, A* out) {
+PYFAST_SIMD_CLONES bool map_block(const Loss& loss, int64_t count, const T* pred, const T* target, const A* weight, A* out) {
+  decltype(abs_bits(A{})) largest = 0;
   for (int64_t j = 0; j < count; ++j) {
     A p[4], t[4];
     box::load_box(pred + 4 * j, p);
     box::load_box(target + 4 * j, t);
+    const auto bits = pair_bits(p, t);
+    largest = largest > bits ? largest : bits;
     A value;
     if (VARIANT) {
       value = loss.variant(p, t);
@@ -35,22 +55,11 @@ PYFAST_SIMD_CLONES void map_block(const Loss& loss, int64_t count, const T* pred
     }
     out[j] = value;
   }
+  return reaches_scale_threshold(largest);
 }
 
 // Elements of `weight` per box.
 inline int64_t weight_stride(box::Weight kind) { return kind == box::kPerCoordinate ? 4 : 1; }
-
-// Whether any coordinate of a block's boxes reaches box::PairScale's threshold: one cheap pass that
-// lets the ordinary blocks run the loops without the scaling step. float16 never reaches it.
-template <class A, class T>
-PYFAST_SIMD_CLONES bool block_needs_scale(const T* pred, const T* target, int64_t count) {
-  if (std::is_same<T, Half>::value) return false;
-  int any = 0;
-  for (int64_t i = 0; i < 4 * count; ++i) {
-    any |= int(box::PairScale::needs_scale(to_acc<A>(pred[i]))) | int(box::PairScale::needs_scale(to_acc<A>(target[i])));
-  }
-  return any != 0;
-}
 
 // Any output and weight kind, box by box: the blocks that need the scaling step (rare, so plain).
 template <class T, class Loss, class A>
@@ -106,17 +115,18 @@ void forward_impl(const Loss& loss, const BoxLossForward& args, int num_threads)
     const A* w = weight ? weight + begin * weight_stride(args.weight_kind) : nullptr;
     A scratch[kBoxesPerBlock];
     A* dst = reduce ? scratch : out + begin;
-    if (block_needs_scale<A>(p, t, count)) {
-      map_block_generic(loss.scaled(), count, p, t, args.output, args.weight_kind, w, dst);
-    } else if (args.output == box::kVariant) {
-      map_block<true, box::kNoWeight>(loss, count, p, t, w, dst);
+    bool needs_scale;
+    if (args.output == box::kVariant) {
+      needs_scale = map_block<true, box::kNoWeight>(loss, count, p, t, w, dst);
     } else if (args.weight_kind == box::kPerCoordinate) {
-      map_block<false, box::kPerCoordinate>(loss, count, p, t, w, dst);
+      needs_scale = map_block<false, box::kPerCoordinate>(loss, count, p, t, w, dst);
     } else if (args.weight_kind == box::kPerBox) {
-      map_block<false, box::kPerBox>(loss, count, p, t, w, dst);
+      needs_scale = map_block<false, box::kPerBox>(loss, count, p, t, w, dst);
     } else {
-      map_block<false, box::kNoWeight>(loss, count, p, t, w, dst);
+      needs_scale = map_block<false, box::kNoWeight>(loss, count, p, t, w, dst);
     }
+    // Ordinary pairs get the same bits either way: the whole block is simply done again.
+    if (needs_scale) map_block_generic(loss.scaled(), count, p, t, args.output, args.weight_kind, w, dst);
     if (reduce) partial[b] = sum_block(scratch, count);
   });
   if (reduce) {
@@ -126,13 +136,17 @@ void forward_impl(const Loss& loss, const BoxLossForward& args, int num_threads)
   }
 }
 
+// Returns whether a pair needed the PairScale step, as map_block.
 template <bool SCALAR_GRAD, bool WEIGHTED, bool TARGET_GRAD, class T, class Loss, class A>
-PYFAST_SIMD_CLONES void backward_block(const Loss& loss, int64_t count, const A* grad_out, A g_scalar, A scale, const T* pred,
+PYFAST_SIMD_CLONES bool backward_block(const Loss& loss, int64_t count, const A* grad_out, A g_scalar, A scale, const T* pred,
                     const T* target, const A* weight, T* grad_pred, T* grad_target) {
+  decltype(abs_bits(A{})) largest = 0;
   for (int64_t j = 0; j < count; ++j) {
     A p[4], t[4], gp[4], gt[4];
     box::load_box(pred + 4 * j, p);
     box::load_box(target + 4 * j, t);
+    const auto bits = pair_bits(p, t);
+    largest = largest > bits ? largest : bits;
     A g = SCALAR_GRAD ? g_scalar : grad_out[j] * scale;
     if (WEIGHTED) g *= weight[j];
     loss.backward(p, t, g, gp, gt);
@@ -141,6 +155,7 @@ PYFAST_SIMD_CLONES void backward_block(const Loss& loss, int64_t count, const A*
       for (int k = 0; k < 4; ++k) grad_target[4 * j + k] = from_acc<T>(gt[k]);
     }
   }
+  return reaches_scale_threshold(largest);
 }
 
 // The backward for any weight kind, box by box: per-coordinate weights (mmdet-style inputs, not
@@ -191,13 +206,10 @@ void backward_impl(const Loss& loss, const BoxLossBackward& args, int num_thread
     T* gp = grad_pred + 4 * begin;
     T* gt = grad_target ? grad_target + 4 * begin : nullptr;
     A* gw = grad_weight ? grad_weight + begin * stride : nullptr;
-    if (block_needs_scale<A>(p, t, count)) {
+    if (args.weight_kind == box::kPerCoordinate) {
+      // A plain loop: mmdet-style inputs, not the hot path, so the scaling step always runs.
       backward_block_generic(loss.scaled(), count, g, grad_is_scalar, g_scalar, scale, p, t, args.weight_kind, w,
                              gp, gt, gw);
-      return;
-    }
-    if (args.weight_kind == box::kPerCoordinate) {
-      backward_block_generic(loss, count, g, grad_is_scalar, g_scalar, scale, p, t, args.weight_kind, w, gp, gt, gw);
       return;
     }
     if (gw) {
@@ -210,8 +222,9 @@ void backward_impl(const Loss& loss, const BoxLossBackward& args, int num_thread
       }
     }
     // Eight specializations: the common case (scalar grad, no weight, pred only) stays branch-free.
+    bool needs_scale = false;
     auto run = [&](auto scalar, auto weighted, auto target_grad) {
-      backward_block<decltype(scalar)::value, decltype(weighted)::value, decltype(target_grad)::value>(
+      needs_scale = backward_block<decltype(scalar)::value, decltype(weighted)::value, decltype(target_grad)::value>(
           loss, count, g, g_scalar, scale, p, t, w, gp, gt);
     };
     auto with_target = [&](auto scalar, auto weighted) {
@@ -232,6 +245,11 @@ void backward_impl(const Loss& loss, const BoxLossBackward& args, int num_thread
       with_weight(std::true_type{});
     } else {
       with_weight(std::false_type{});
+    }
+    // Ordinary pairs get the same bits either way: the whole block is simply done again.
+    if (needs_scale) {
+      backward_block_generic(loss.scaled(), count, g, grad_is_scalar, g_scalar, scale, p, t, args.weight_kind, w,
+                             gp, gt, gw);
     }
   });
 }
