@@ -94,15 +94,17 @@ def _torch_load(path: str, weights_only: bool, map_location) -> object:
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as error:
-        if weights_only and "weights only load failed" in str(error).lower():
-            found = re.search(r"GLOBAL ([\w.]+)", str(error))
-            what = f" ({found.group(1)})" if found else ""
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if weights_only and "weights only load failed" in str(error).lower() and found:
             raise WeightsError(
-                f"{path}: the file pickles Python objects{what} that weights_only loading refuses; if you trust "
+                f"{path}: the file pickles Python objects ({found.group(1)}) that weights_only loading refuses; if you trust "
                 f"its source, load it with weights_only=False (pyfast-doctor checkpoint --unsafe-pickle), which "
                 f"runs code from the file, or allowlist the class with torch.serialization.add_safe_globals"
             ) from None
-        raise WeightsError(f"{path}: cannot read the checkpoint: {_one_line(error)}") from None
+        # no object named: not a pickle torch writes (a damaged or foreign file); say what the unpickler saw
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+        reason = detail.group(1).strip() if detail else _one_line(error)
+        raise WeightsError(f"{path}: cannot read the checkpoint: not a torch checkpoint, or a damaged one ({reason})") from None
     except Exception as error:  # a damaged or foreign file: say which and why, in one line
         raise WeightsError(f"{path}: cannot read the checkpoint: {_one_line(error)}") from None
 
