@@ -224,8 +224,9 @@ def build_backbone(cfg: TrainConfig, backbone: nn.Module, device: torch.device):
     spec = cfg.backbone or DEFAULT_BACKBONE
     try:
         layout = probe(backbone, cfg.image_size, device)
-    except BackboneError as error:
-        raise BackboneError(str(error) if spec in str(error) else f"--backbone {spec}: {error}") from None
+    except BackboneError as error:  # named once: an hf: encoder's own messages start with its name
+        named = str(error).startswith(str(getattr(backbone, "name", spec)))
+        raise BackboneError(str(error) if named else f"--backbone {spec}: {error}") from None
     except Exception as error:  # the extractor's own failure on a blank image: one line, naming it
         text = (str(error).strip().splitlines() or [""])[0]
         raise BackboneError(f"--backbone {spec} fails on a {cfg.image_size}x{cfg.image_size} image: "
@@ -245,9 +246,10 @@ def describe_backbone(cfg: TrainConfig, backbone: nn.Module, layout: dict[str, F
     """What summary.json and the checkpoints record of the backbone: what it is, the maps, the
     weights and their load report, and the digest of its state (what a resumed run must find again)."""
     report = getattr(backbone, "weights_report", None)
+    inner = getattr(backbone, "model", None)  # an hf: encoder's transformers model
     return {
         "spec": cfg.backbone or DEFAULT_BACKBONE,
-        "class": type(getattr(backbone, "model", backbone)).__name__,
+        "class": type(inner if isinstance(inner, nn.Module) else backbone).__name__,
         "input_size": getattr(backbone, "input_size", None),
         "image_size": cfg.image_size,
         "maps": {name: {"channels": m.channels, "stride": m.stride, "size": m.size} for name, m in layout.items()},
