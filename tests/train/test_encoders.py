@@ -295,3 +295,26 @@ def test_a_resumed_run_needs_the_weights_it_was_trained_on(files, tmp_path, caps
     with pytest.raises(CheckpointError, match="is not the one the run was trained on") as error:
         prepare(config, resume=checkpoint, log=lambda line: None)
     assert str(weights) in str(error.value) and (out / "config.yaml").read_text() == config_before
+
+
+def test_the_encoder_runs_under_the_runs_autocast(files):
+    from pyfast.models import probe
+    from pyfast.train.features import FeatureProvider
+    from pyfast.train.setup import autocast_for
+
+    cpu = torch.device("cpu")
+    backbone = load_backbone(f"hf:{files['dinov2']}", log=None)
+    layout = probe(backbone, 56, cpu)
+    images = torch.randint(0, 256, (2, 3, 56, 56), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    fp32 = FeatureProvider(backbone, layout, ["features"], None, cpu, autocast_for(cpu, "fp32")).compute(images)
+    bf16 = FeatureProvider(backbone, layout, ["features"], None, cpu, autocast_for(cpu, "bf16")).compute(images)
+    x = images.float() / 255
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        direct = backbone(x)
+    torch.testing.assert_close(bf16["features"], direct, rtol=0, atol=0)  # the provider's autocast is the run's
+    assert not bf16["features"].requires_grad and all(not p.requires_grad for p in backbone.parameters())
+    assert not backbone.training
+    # bf16 changed the numbers (autocast was on), by about bf16's resolution and no more
+    difference = (bf16["features"].float() - fp32["features"]).abs()
+    assert difference.max() > 0
+    torch.testing.assert_close(bf16["features"].float(), fp32["features"], rtol=0.05, atol=0.1)
