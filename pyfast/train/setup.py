@@ -31,6 +31,7 @@ from pyfast.train.checkpoint import CheckpointError, load_checkpoint, load_state
 from pyfast.train.config import ConfigError, TrainConfig, build_config, save_config
 from pyfast.train.features import STORE_DTYPES, CachedFeatures, FeatureProvider, feature_fingerprint
 from pyfast.train.guards import NonFiniteGuard
+from pyfast.train.memory import RunMemory, parse_rule
 from pyfast.train.metrics import truncate_after
 from pyfast.train.objective import LossWeights
 from pyfast.train.rundir import RunDir, RunDirError, default_run_dir
@@ -38,6 +39,7 @@ from pyfast.train.state import Progress, RngState, RunStats
 
 SPLIT_SEED = 20261123  # the train/val split does not move with --seed: runs compare on one val set
 CHECKPOINT_FORMAT = "pyfast.train/2"
+OPTIONAL_ENTRIES = ("memory",)  # checkpoints of this format written before these entries existed lack them
 
 
 # ---------------------------------------------------------------------------------------- devices
@@ -237,6 +239,7 @@ class Run:
     progress: Progress
     stats: RunStats
     rng: RngState
+    memory: RunMemory
     log: Callable[[str], None]
 
     @property
@@ -263,6 +266,7 @@ class Run:
             "progress": self.progress,
             "stats": self.stats,
             "rng": self.rng,
+            "memory": self.memory,
         }
 
     def checkpoint(self) -> dict:
@@ -276,6 +280,9 @@ class Run:
 
     def restore(self, payload: dict) -> None:
         for name, obj in self.stateful().items():
+            if name in OPTIONAL_ENTRIES and name not in payload:
+                self.log(f"note: the checkpoint has no {name!r} entry (written before it existed): it starts afresh")
+                continue
             obj.load_state_dict(payload[name])
 
     def save(self, name: str = "last") -> Path:
@@ -344,7 +351,8 @@ def prepare(
         features=None, model=model, optimizer=None, scheduler=None, scaler=None,
         weights=LossWeights(cfg.box_weight, cfg.mask_weight, cfg.iou_weight, cfg.box_loss),
         guard=NonFiniteGuard(cfg.max_nonfinite_in_a_row), skips=None, progress=Progress(), stats=RunStats(),
-        rng=RngState(), log=log,
+        rng=RngState(), memory=RunMemory(cfg.memory_every, parse_rule(cfg.memory_rule), cfg.max_memory_growth, log),
+        log=log,
     )
     run.optimizer, run.scheduler, run.scaler = build_optimizer(cfg, model, run.total_steps, device, precision)
     skips = SkipTracker(len(data.dataset), max_fraction=cfg.max_skip_fraction, log_path=paths.skipped,
@@ -359,6 +367,7 @@ def prepare(
     # ---- everything checked: create and write
     paths.path.mkdir(parents=True, exist_ok=True)
     save_config(cfg, paths.config)
+    run.memory.attach(paths.path)  # memory.jsonl / memory.json (on a resume: back to the checkpoint's samples)
     cache = FeatureCache(cache_root, fingerprint, dtype=store_dtype) if cache_root is not None else None
     if resume is not None:
         truncate_after(paths.metrics, run.progress.step)
