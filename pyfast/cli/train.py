@@ -2,9 +2,9 @@
 
 Argument parsing and printing only; the work is `pyfast.train.prepare` and `pyfast.train.train`.
 Settings layer as defaults < --fast < --config FILE.yaml < flags; `--resume` starts from the
-run's checkpoint and accepts only the changes that keep its continuation exact. Every mistake is
-one line on stderr (`pyfast-train: error: ...`): exit 2 before training starts, 1 when training
-fails, 130 for Ctrl-C, 128 + N when signal N stopped the run (it resumes).
+run's checkpoint and accepts only the changes that keep its continuation exact. A mistake is one
+line on stderr (`pyfast-train: error: ...`): exit 2 before training starts, 1 when training fails
+or diverges, 130 for Ctrl-C, 128 + N when signal N stopped the run (it resumes).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ PROG = "pyfast-train"
 
 def build_parser() -> argparse.ArgumentParser:
     from pyfast.cli.options import add_config_flags
+    from pyfast.train.config import flag_name
+    from pyfast.train.setup import RESUME_RESCHEDULES, RESUME_SAFE
 
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -26,10 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
         "With no arguments: the embedded synthetic data set and a small seeded backbone.",
         epilog="Every option is also a key of --config files and of a run's config.yaml.",
     )
+    allowed = [flag_name(n) for n in RESUME_SAFE + RESUME_RESCHEDULES if n not in ("out", "fast")]
     parser.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
                         help="continue a run from its last checkpoint (RUN_DIR, or the --out folder); only "
-                        "--max-steps, --epochs, --workers, --checkpoint-every, --device, --cache-dir, "
-                        "--max-nonfinite-in-a-row and --max-skip-fraction may change")
+                        f"{', '.join(allowed[:-1])} and {allowed[-1]} may change")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_flags(parser)
     return parser
@@ -42,8 +44,13 @@ def _fail(message: str, code: int = 2) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
-    args = build_parser().parse_args(argv)
-    return _main(args, started)
+    args = None
+    try:
+        args = build_parser().parse_args(argv)
+        return _main(args, started)
+    except KeyboardInterrupt:  # while the run is being built: training handles its own Ctrl-C
+        left = "the run is as it was" if args is not None and args.resume else "nothing was written"
+        return _fail(f"interrupted before training started; {left}", 130)
 
 
 def _main(args: argparse.Namespace, started: float) -> int:
@@ -55,6 +62,7 @@ def _main(args: argparse.Namespace, started: float) -> int:
         plan_resume, prepare, train,
     )  # fmt: skip
     from pyfast.train.loop import exit_code
+    from pyfast.train.setup import DataError
 
     try:
         layers = config_layers(args)
@@ -69,8 +77,7 @@ def _main(args: argparse.Namespace, started: float) -> int:
             run = prepare(config, resume=checkpoint)
         else:
             run = prepare(build_config(*layers))
-    except (ConfigError, RunDirError, MissingSourceError, BackboneError, CheckpointError, FeatureError, FileNotFoundError,
-            ValueError) as error:
+    except (ConfigError, RunDirError, DataError, MissingSourceError, BackboneError, CheckpointError, FeatureError) as error:
         return _fail(str(error))
 
     try:
@@ -81,6 +88,9 @@ def _main(args: argparse.Namespace, started: float) -> int:
         print(format_table(_read_summary(run)))
         return _fail(str(error), 1)
     print(format_table(summary))
+    if summary["status"] == "diverged":
+        return _fail(f"the model diverged: {summary['val_nonfinite_boxes']} validation boxes are non-finite "
+                     f"({summary['nonfinite_steps']} of {summary['steps']} steps were skipped); try a lower --lr", 1)
     code = exit_code(summary)
     if code:
         print(f"{PROG}: stopped by {summary['stopped_by']}; continue with: {PROG} --resume {run.paths.path}", file=sys.stderr)

@@ -1,13 +1,16 @@
 """Validation: how much better the refined boxes and masks are than the input boxes.
 
     result = validate(run)    # val_iou_input, val_iou_refined, val_mask_iou, val_ap_input,
-                              # val_ap_refined, val_boxes
+                              # val_ap_refined, val_boxes, val_nonfinite_boxes
 
 Mean IoU with the ground truth of the input and the refined boxes and the mask IoU are running
 sums on the device. COCO box AP (`pyfast.evaluation.coco_box_ap`) needs every box of the set at
 once: it keeps small per-image numpy arrays (never tensors with graphs or devices), bounded by the
 validation set, and scores every box 1 so that AP measures localization alone, for the input and
 the refined boxes alike.
+
+A model that diverged may output non-finite boxes. They are counted (`val_nonfinite_boxes`), score
+IoU 0 and count as missed detections in AP, and the log says so; validation never fails on them.
 
 Host syncs: one per validation batch (its boxes for AP), one for the sums at the end, and, for
 fresh features computed without a cache, one per batch to check them.
@@ -31,6 +34,7 @@ def validate(run) -> dict:
     phase = run.stats.phase(run.progress.epoch)
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # IoU input, IoU refined, mask IoU, boxes
+    nonfinite = torch.zeros((), dtype=torch.int64, device=device)
     per_image: dict[str, list[np.ndarray]] = {"gt": [], "input": [], "refined": []}
     for batch in run.data.loader(run.data.val_batches()):
         run.skips.record(batch.skipped)
@@ -47,18 +51,24 @@ def validate(run) -> dict:
             out = model(features.maps, inputs.boxes, inputs.index)
         target = mask_targets(inputs.masks, out.rois, out.mask_logits.shape[-1])
         refined = out.refined.float()
+        finite = torch.isfinite(refined).all(dim=1)
+        clean = torch.where(finite[:, None], refined, inputs.boxes)  # finite stand-ins, masked out below
+        iou_refined = torch.where(finite, pyfast.box_iou(clean, inputs.gt), 0.0)
         sums += torch.stack([
-            pyfast.box_iou(inputs.boxes, inputs.gt).sum(), pyfast.box_iou(refined, inputs.gt).sum(),
+            pyfast.box_iou(inputs.boxes, inputs.gt).sum(), iou_refined.sum(),
             pyfast.mask_iou(out.mask_logits, target).float().sum(), torch.tensor(float(len(refined)), device=device),
         ]).double()  # fmt: skip
-        host = torch.cat([inputs.gt, inputs.boxes, refined], dim=1).cpu().numpy()
+        nonfinite += (~finite).sum()
+        host = torch.cat([inputs.gt, inputs.boxes, clean, finite[:, None].float()], dim=1).cpu().numpy()
         splits = np.cumsum(torch.bincount(batch.box_sample, minlength=len(batch)).tolist())[:-1]
         for rows in np.split(host, splits):
+            keep = rows[:, 12] > 0
             per_image["gt"].append(rows[:, 0:4])
             per_image["input"].append(rows[:, 4:8])
-            per_image["refined"].append(rows[:, 8:12])
+            per_image["refined"].append(rows[keep, 8:12])
     model.train()
     iou_in, iou_ref, mask_iou, count = sums.tolist()
+    bad = int(nonfinite)
     boxes = int(count)
     count = max(count, 1.0)
     result = {
@@ -66,8 +76,12 @@ def validate(run) -> dict:
         "val_iou_refined": iou_ref / count,
         "val_mask_iou": mask_iou / count,
         "val_boxes": boxes,
+        "val_nonfinite_boxes": bad,
     }
     if per_image["gt"]:
         result["val_ap_input"] = coco_box_ap(per_image["gt"], per_image["input"])["AP"]
         result["val_ap_refined"] = coco_box_ap(per_image["gt"], per_image["refined"])["AP"]
+    if bad:
+        run.log(f"warning: validation at step {run.progress.step}: {bad} of {boxes} refined boxes are non-finite "
+                "(the model diverged; they count as IoU 0 and missed detections)")
     return result

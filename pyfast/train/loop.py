@@ -40,6 +40,8 @@ def train(run, *, loss_hook: LossHook = None, progress_bar: Optional[bool] = Non
                 fit(run, metrics, stop, clock, loss_hook, progress_bar)
             if stop.requested:
                 status = f"interrupted ({stop.name})"
+            elif run.stats.last_val.get("val_nonfinite_boxes"):
+                status = "diverged"
         except BaseException as exc:  # diverged, too many bad samples, Ctrl-C twice: save what we have
             status, error = f"failed: {type(exc).__name__}", exc
         finally:
@@ -108,7 +110,7 @@ def fit(run, metrics: MetricsLog, stop: GracefulStop, clock: Clock, loss_hook: L
             bar.update(1)
             bar.set_postfix({"s/batch": f"{seconds / count:.3f}", "loss": f"{result.loss:.4f}"}, refresh=False)
             if not result.applied:
-                run.log(f"step {progress.step}: non-finite loss or gradient, step skipped")
+                run.log(f"step {progress.step}: non-finite loss or gradient, step skipped; its samples: {result.samples}")
             run.guard.update(result.applied, progress.step)
             if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0:
                 clock.save("last")
@@ -124,14 +126,15 @@ def fit(run, metrics: MetricsLog, stop: GracefulStop, clock: Clock, loss_hook: L
 
 
 def validate_and_record(run, clock: Clock) -> dict:
-    """Validate, append to val.jsonl, keep the best checkpoint (by the refined boxes' IoU)."""
+    """Validate, append to val.jsonl, keep the best checkpoint (by the refined boxes' IoU; never a
+    model whose boxes went non-finite)."""
     result = validate(run)
     record = {"step": run.progress.step, "epoch": run.progress.epoch, **result}
     run.stats.last_val = record
     with MetricsLog(run.paths.val) as log:
         log.write(record)
     best = run.stats.best_val_iou
-    if best is None or result["val_iou_refined"] > best:
+    if not result["val_nonfinite_boxes"] and (best is None or result["val_iou_refined"] > best):
         run.stats.best_val_iou = result["val_iou_refined"]
         clock.save("best")
     return record
