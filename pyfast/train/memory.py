@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 from pyfast.memory import LeakRule, MemoryMonitor
 from pyfast.memory.report import summarize
-from pyfast.memory.verdict import INSUFFICIENT, WATCHED
+from pyfast.memory.verdict import INSUFFICIENT, WATCHED, overall_status
 
 STOPPED_BY = "max_memory_growth"  # summary["stopped_by"] of a run that --max-memory-growth stopped
 # The fields of a sample that go into the step's record in metrics.jsonl (step and wall clock are there already).
@@ -85,6 +85,8 @@ class RunMemory:
     def __init__(self, every: int, rule: LeakRule, max_growth: Optional[float], log: Callable[[str], None]):
         check_settings(every, rule)
         self.monitor = MemoryMonitor(every, rule=rule, log=log)
+        self.log = log
+        self._last: Optional[dict] = None  # the latest sample's METRIC_FIELDS
         self.max_growth = max_growth
         self.stop_reason: Optional[str] = None  # why --max-memory-growth stopped the run
         self.verdict: Optional[dict] = None  # set by finish()
@@ -101,11 +103,25 @@ class RunMemory:
             return None
         if self.max_growth is not None and self.stop_reason is None:
             self.stop_reason = self.monitor.check(self.max_growth)
-        return {name: sample[name] for name in METRIC_FIELDS}
+        self._last = {name: sample[name] for name in METRIC_FIELDS}
+        return self._last
+
+    def latest(self) -> Optional[dict]:
+        """The latest sample's METRIC_FIELDS and the live status of the leak rule (for val.jsonl), or None."""
+        if self._last is None:
+            return None
+        return {**self._last, "status": overall_status(self.monitor.assessments)}
 
     def finish(self, wait: bool) -> dict:
-        """Ends the monitoring (wait=False cancels a search for growers under way); returns the verdict."""
-        self.verdict = self.monitor.close(wait=wait)
+        """Ends the monitoring (wait=False cancels a search for growers under way: an interrupted run
+        must not wait); returns the verdict. The monitor is an observer: should closing it fail, the
+        run's own ending (checkpoint, summary) still happens, and the failure is logged."""
+        try:
+            self.verdict = self.monitor.close(wait=wait)
+        except Exception as error:  # noqa: BLE001 - reported, and the verdict of the samples is still given
+            self.log(f"memory: closing the monitor failed ({type(error).__name__}: {error}); the verdict is "
+                     "computed from the samples taken")
+            self.verdict = self.monitor.verdict()
         return self.verdict
 
     def summary(self) -> dict:

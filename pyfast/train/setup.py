@@ -42,7 +42,7 @@ SPLIT_SEED = 20261123  # the train/val split does not move with --seed: runs com
 CHECKPOINT_FORMAT = "pyfast.train/2"
 # Settings a resumed run may change without breaking its exact continuation.
 RESUME_SAFE = ("max_steps", "workers", "checkpoint_every", "max_nonfinite_in_a_row", "max_skip_fraction",
-               "cache_dir", "out", "device", "fast")
+               "memory_every", "max_memory_growth", "memory_rule", "cache_dir", "out", "device", "fast")
 # Allowed, but it changes the schedule from the resume point on (the log says how).
 RESUME_RESCHEDULES = ("epochs",)
 OPTIONAL_ENTRIES = ("memory",)  # checkpoints of this format written before these entries existed lack them
