@@ -217,6 +217,10 @@ class MemoryMonitor:
     def __len__(self) -> int:
         return len(self._columns["step"])
 
+    def latest(self) -> Optional[dict]:
+        """The latest sample (of any segment), or None before the first."""
+        return self._record(len(self) - 1) if len(self) else None
+
     @property
     def samples(self) -> List[dict]:
         """Every sample so far (all segments), as dicts."""

@@ -86,7 +86,6 @@ class RunMemory:
         check_settings(every, rule)
         self.monitor = MemoryMonitor(every, rule=rule, log=log)
         self.log = log
-        self._last: Optional[dict] = None  # the latest sample's METRIC_FIELDS
         self.max_growth = max_growth
         self.stop_reason: Optional[str] = None  # why --max-memory-growth stopped the run
         self.verdict: Optional[dict] = None  # set by finish()
@@ -103,14 +102,16 @@ class RunMemory:
             return None
         if self.max_growth is not None and self.stop_reason is None:
             self.stop_reason = self.monitor.check(self.max_growth)
-        self._last = {name: sample[name] for name in METRIC_FIELDS}
-        return self._last
+        return {name: sample[name] for name in METRIC_FIELDS}
 
     def latest(self) -> Optional[dict]:
-        """The latest sample's METRIC_FIELDS and the live status of the leak rule (for val.jsonl), or None."""
-        if self._last is None:
+        """The latest sample's METRIC_FIELDS and the live status of the leak rule (for val.jsonl), or
+        None. Read from the monitor's own columns: nothing here holds per-sample objects, which a
+        search for growers would report as growing."""
+        sample = self.monitor.latest()
+        if sample is None:
             return None
-        return {**self._last, "status": overall_status(self.monitor.assessments)}
+        return {**{name: sample[name] for name in METRIC_FIELDS}, "status": overall_status(self.monitor.assessments)}
 
     def finish(self, wait: bool) -> dict:
         """Ends the monitoring (wait=False cancels a search for growers under way: an interrupted run
