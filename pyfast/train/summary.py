@@ -45,6 +45,7 @@ def summarize(run, status: str) -> dict:
         "wall_segments_s": list(stats.segments),
         "memory": run.memory.summary(),
         "run_dir": str(run.paths.path),
+        "backbone": run.backbone_info,
     }
 
 
