@@ -4,7 +4,8 @@ Argument parsing and printing only; the work is `pyfast.train.prepare` and `pyfa
 Settings layer as defaults < --fast < --config FILE.yaml < flags; `--resume` starts from the
 run's checkpoint and accepts only the changes that keep its continuation exact. A mistake is one
 line on stderr (`pyfast-train: error: ...`): exit 2 before training starts, 1 when training fails
-or diverges, 130 for Ctrl-C, 128 + N when signal N stopped the run (it resumes).
+or diverges, 3 when memory grew past --max-memory-growth (checkpoint saved), 130 for Ctrl-C,
+128 + N when signal N stopped the run (it resumes).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def _main(args: argparse.Namespace, started: float) -> int:
         plan_resume, prepare, train,
     )  # fmt: skip
     from pyfast.train.loop import exit_code
+    from pyfast.train.memory import STOPPED_BY
     from pyfast.train.setup import DataError
 
     try:
@@ -94,6 +96,10 @@ def _main(args: argparse.Namespace, started: float) -> int:
         return _fail(f"the model diverged: {summary['val_nonfinite_boxes']} validation boxes are non-finite "
                      f"({summary['nonfinite_steps']} of {summary['steps']} steps were skipped); try a lower --lr", 1)
     code = exit_code(summary)
+    if summary["stopped_by"] == STOPPED_BY:
+        return _fail(f"memory growth stopped the run at step {summary['steps']}: {summary['memory']['stopped']} "
+                     f"(--max-memory-growth); checkpoints/last.pt is saved; what grows: pyfast-doctor memory "
+                     f"{run.paths.path}", code)
     if code:
         print(f"{PROG}: stopped by {summary['stopped_by']}; continue with: {PROG} --resume {run.paths.path}", file=sys.stderr)
     return code

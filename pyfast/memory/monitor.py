@@ -217,6 +217,10 @@ class MemoryMonitor:
     def __len__(self) -> int:
         return len(self._columns["step"])
 
+    def latest(self) -> Optional[dict]:
+        """The latest sample (of any segment), or None before the first."""
+        return self._record(len(self) - 1) if len(self) else None
+
     @property
     def samples(self) -> List[dict]:
         """Every sample so far (all segments), as dicts."""
@@ -404,13 +408,20 @@ class MemoryMonitor:
         self._judge_after = None
         self._armed = {"host": True, "cuda": True}
         if self.out_dir is not None:
-            if self._handle is not None:
-                self._handle.close()
-                self._handle = None
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            write_samples(self.out_dir / SAMPLES_FILE, self.samples)
-            self._append = True
-            self.write_report()
+            self.attach(self.out_dir)
+
+    def attach(self, out_dir) -> None:
+        """Writes into `out_dir` from now on: memory.jsonl is rewritten to the samples held (a
+        restored state's; none for a fresh monitor) and memory.json is written. For a monitor
+        built, and perhaps restored, before its output folder could be written."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_samples(self.out_dir / SAMPLES_FILE, self.samples)
+        self._append = True
+        self.write_report()
 
 
 __all__ = ["FIELDS", "MemoryMonitor", "WATCHED"]

@@ -21,6 +21,7 @@ import yaml
 
 from pyfast._io import atomic_write_text
 from pyfast.data.spec import DEFAULT_MAX_SKIP_FRACTION, parse_data_spec
+from pyfast.train.memory import check_settings, parse_rule
 
 DEFAULT_IMAGE_SIZE = 128  # without --image-size and a backbone that declares its own
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -145,6 +146,17 @@ class TrainConfig:
                                    help="also save checkpoints/last.pt every N optimizer steps (0: at epoch ends)")
     max_nonfinite_in_a_row: int = option(10, group="run", minimum=1, metavar="N",
                                          help="stop after N optimizer steps in a row with a non-finite loss or gradient")
+    memory_every: int = option(10, group="run", minimum=1, metavar="N",
+                               help="sample the process's host, DataLoader-worker and CUDA memory and open descriptors "
+                               "every N optimizer steps (memory.jsonl, metrics.jsonl, the leak verdict in summary.json)")
+    max_memory_growth: Optional[float] = option(None, group="run", above=0.0, metavar="MB_PER_1000_STEPS",
+                                                default_text="none",
+                                                help="stop the run (checkpoint saved, exit 3) when host, worker or CUDA "
+                                                "memory grows faster than this by the leak rule (sustained, confident)")
+    memory_rule: Optional[str] = option(None, group="run", metavar="KEY=VALUE[,...]", default_text="the default rule",
+                                        help="the leak rule's settings: host_mb, workers_mb, cuda_mb, fds (bounds per "
+                                        "1000 steps; 10, 10, 10, 5), warmup_steps (200), window (60 samples), "
+                                        "min_samples (20), min_steps (200), confidence (0.95)")
     fast: bool = option(False, group="run", help="the quick preset (recorded; the --fast flag applies FAST)")
 
     def validate(self) -> "TrainConfig":
@@ -157,6 +169,12 @@ class TrainConfig:
                 parse_data_spec(text)
             except ValueError as error:
                 raise ConfigError(str(error)) from None
+        if self.max_memory_growth is not None and not math.isfinite(self.max_memory_growth):
+            raise ConfigError(f"max_memory_growth must be a finite number > 0, got {self.max_memory_growth!r}")
+        try:
+            check_settings(self.memory_every, parse_rule(self.memory_rule))
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         return self
 
     def as_dict(self) -> dict:

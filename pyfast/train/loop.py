@@ -7,6 +7,10 @@ An epoch: a DataLoader over the epoch's batches (from the saved position when re
 `train_step` per `accumulate` micro-batches, a record per step in metrics.jsonl, then validation,
 the best checkpoint and `last.pt`. Ctrl-C / SIGTERM stop after the current step; whatever ends the
 run, `last.pt`, summary.json and the plots are written.
+
+The memory monitor (`run.memory`, pyfast.train.memory) samples after every optimizer step; its
+samples go into the step's record, its verdict into summary.json and plots/memory.png. With
+--max-memory-growth, growth past the bound stops the run after the step, checkpoint saved.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from typing import Optional
 
 import torch
 
+from pyfast.memory import write_memory_plot
 from pyfast.train.evaluate import validate
+from pyfast.train.memory import STOPPED_BY
 from pyfast.train.metrics import MetricsLog
 from pyfast.train.plots import write_plots
 from pyfast.train.signals import GracefulStop
@@ -30,7 +36,8 @@ from pyfast.train.summary import summarize, write_summary
 def train(run, *, loss_hook: LossHook = None, progress_bar: Optional[bool] = None, started: Optional[float] = None) -> dict:
     """Train `run` until its epochs or --max-steps are done, a signal stops it or it fails.
 
-    Returns summary.json's dict; `summary["stopped_by"]` names the signal that stopped it. An
+    Returns summary.json's dict; `summary["stopped_by"]` names the signal that stopped it, or
+    "max_memory_growth" when memory grew past --max-memory-growth. An
     exception (diverged, too many bad samples, bad features) is raised after the checkpoint,
     summary and plots are written. `started`: when this process began working on the run
     (perf_counter; default: now), for the wall time of this segment.
@@ -43,18 +50,24 @@ def train(run, *, loss_hook: LossHook = None, progress_bar: Optional[bool] = Non
                 fit(run, metrics, stop, clock, loss_hook, progress_bar)
             if stop.requested:
                 status = f"interrupted ({stop.name})"
+            elif run.memory.stop_reason:
+                status = "stopped: memory growth"
             elif run.stats.last_val.get("val_nonfinite_boxes"):
                 status = "diverged"
         except BaseException as exc:  # diverged, too many bad samples, Ctrl-C twice: save what we have
             status, error = f"failed: {type(exc).__name__}", exc
         finally:
+            verdict = None
             try:
-                clock.save("last")
+                # An interrupted or failed run must not wait for a search for growers under way.
+                verdict = run.memory.finish(wait=error is None and not stop.requested)
+                clock.save("last")  # the monitor's samples and searches go into the checkpoint
             finally:
                 summary = summarize(run, status)
-                summary["stopped_by"] = stop.name or None
+                summary["stopped_by"] = stop.name or (STOPPED_BY if run.memory.stop_reason else None)
                 write_summary(run.paths.summary, summary)
                 write_plots(run.paths.path)
+                write_memory_plot(run.memory.monitor.samples, run.paths.plots / "memory.png", verdict)
     if error is not None:
         raise error
     return summary
@@ -97,7 +110,8 @@ def fit(run, metrics: MetricsLog, stop: GracefulStop, clock: Clock, loss_hook: L
     validated_at = stats.last_val.get("step")
 
     def stopping() -> bool:
-        return bool(stop.requested) or (cfg.max_steps is not None and progress.step >= cfg.max_steps)
+        return (bool(stop.requested) or run.memory.stop_reason is not None
+                or (cfg.max_steps is not None and progress.step >= cfg.max_steps))
 
     while progress.epoch < cfg.epochs and not stopping():
         epoch = progress.epoch
@@ -124,17 +138,22 @@ def fit(run, metrics: MetricsLog, stop: GracefulStop, clock: Clock, loss_hook: L
                 stats.warm_steps.add(times)
             hits = sum(b.cache_hits for b in batches)
             lookups = hits + sum(b.cache_misses for b in batches)
+            memory = run.memory.after_step(progress.step)  # a sample every --memory-every steps, else None
             metrics.write({
                 "step": progress.step, "epoch": epoch + 1, "loss": result.loss, "parts": result.parts, "lr": result.lr,
                 "grad_norm": result.grad_norm, "s_per_batch": seconds / count,
                 "cache_hit_rate": hits / lookups if lookups else None,
                 "iou_input": result.iou_input, "iou_refined": result.iou_refined, "skipped_step": not result.applied,
+                **({"memory": memory} if memory is not None else {}),
             })  # fmt: skip
             bar.update(1)
             bar.set_postfix({"s/batch": f"{seconds / count:.3f}", "loss": f"{result.loss:.4f}"}, refresh=False)
             if not result.applied:
                 run.log(f"step {progress.step}: non-finite loss or gradient, step skipped; its samples: {result.samples}")
             run.guard.update(result.applied, progress.step)
+            if run.memory.stop_reason is not None:
+                run.log(f"stopping: {run.memory.stop_reason} (--max-memory-growth); checkpoint saved")
+                break
             if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0:
                 clock.save("last")
         bar.close()
@@ -144,7 +163,7 @@ def fit(run, metrics: MetricsLog, stop: GracefulStop, clock: Clock, loss_hook: L
             progress.epoch += 1
             progress.micro = 0
             clock.save("last")
-    if validated_at != progress.step and not stop.requested:
+    if validated_at != progress.step and not stop.requested and run.memory.stop_reason is None:
         validate_and_record(run, clock)
 
 
@@ -152,7 +171,7 @@ def validate_and_record(run, clock: Clock) -> dict:
     """Validate, append to val.jsonl, keep the best checkpoint (by the refined boxes' IoU; never a
     model whose boxes went non-finite)."""
     result = validate(run)
-    record = {"step": run.progress.step, "epoch": run.progress.epoch, **result}
+    record = {"step": run.progress.step, "epoch": run.progress.epoch, **result, "memory": run.memory.latest()}
     run.stats.last_val = record
     with MetricsLog(run.paths.val) as log:
         log.write(record)
@@ -163,9 +182,15 @@ def validate_and_record(run, clock: Clock) -> dict:
     return record
 
 
+EXIT_MEMORY_GROWTH = 3  # --max-memory-growth stopped the run
+
+
 def exit_code(summary: dict) -> int:
-    """128 + the signal number for a run stopped by a signal, else 0."""
+    """128 + the signal number for a run stopped by a signal, 3 for one stopped by
+    --max-memory-growth, else 0."""
     name = summary.get("stopped_by")
+    if name == STOPPED_BY:
+        return EXIT_MEMORY_GROWTH
     return 128 + int(signal.Signals[name]) if name else 0
 
 

@@ -36,6 +36,7 @@ from pyfast.train.config import (DEFAULT_IMAGE_SIZE, FAST, FIELDS, ConfigError, 
                                  save_config)
 from pyfast.train.features import STORE_DTYPES, CachedFeatures, FeatureProvider, feature_fingerprint
 from pyfast.train.guards import NonFiniteGuard
+from pyfast.train.memory import RunMemory, parse_rule
 from pyfast.train.metrics import truncate_after
 from pyfast.train.objective import LossWeights
 from pyfast.train.rundir import RunDir, RunDirError, check_files_writable, check_writable, default_run_dir
@@ -45,9 +46,10 @@ SPLIT_SEED = 20261123  # the train/val split does not move with --seed: runs com
 CHECKPOINT_FORMAT = "pyfast.train/2"
 # Settings a resumed run may change without breaking its exact continuation.
 RESUME_SAFE = ("max_steps", "workers", "checkpoint_every", "max_nonfinite_in_a_row", "max_skip_fraction",
-               "cache_dir", "out", "device", "fast")
+               "memory_every", "max_memory_growth", "memory_rule", "cache_dir", "out", "device", "fast")
 # Allowed, but it changes the schedule from the resume point on (the log says how).
 RESUME_RESCHEDULES = ("epochs",)
+OPTIONAL_ENTRIES = ("memory",)  # checkpoints of this format written before these entries existed lack them
 
 
 # ---------------------------------------------------------------------------------------- devices
@@ -362,6 +364,7 @@ class Run:
     progress: Progress
     stats: RunStats
     rng: RngState
+    memory: RunMemory
     log: Callable[[str], None]
     backbone_info: dict = field(default_factory=dict)  # describe_backbone's: summary.json and checkpoints
 
@@ -381,6 +384,7 @@ class Run:
             "progress": self.progress,
             "stats": self.stats,
             "rng": self.rng,
+            "memory": self.memory,
         }
 
     def checkpoint(self) -> dict:
@@ -395,6 +399,9 @@ class Run:
 
     def restore(self, payload: dict) -> None:
         for name, obj in self.stateful().items():
+            if name in OPTIONAL_ENTRIES and name not in payload:
+                self.log(f"note: the checkpoint has no {name!r} entry (written before it existed): it starts afresh")
+                continue
             obj.load_state_dict(payload[name])
 
     def save(self, name: str = "last") -> Path:
@@ -513,7 +520,9 @@ def prepare(
         guard=NonFiniteGuard(cfg.max_nonfinite_in_a_row),
         skips=SkipTracker(len(data.dataset), max_fraction=cfg.max_skip_fraction, log_path=paths.skipped,
                           resume=resume is not None),
-        progress=Progress(), stats=RunStats(), rng=RngState(), log=log, backbone_info=backbone_info,
+        progress=Progress(), stats=RunStats(), rng=RngState(),
+        memory=RunMemory(cfg.memory_every, parse_rule(cfg.memory_rule), cfg.max_memory_growth, log), log=log,
+        backbone_info=backbone_info,
     )
 
     if resume is not None:
@@ -534,6 +543,7 @@ def prepare(
         if resume is not None:
             truncate_after(paths.metrics, run.progress.step)
             truncate_after(paths.val, run.progress.step)
+        run.memory.attach(paths.path)  # memory.jsonl / memory.json (on a resume: back to the checkpoint's samples)
     except BaseException as error:  # the checks above passed, yet the file system said no, or Ctrl-C
         if created:
             shutil.rmtree(paths.path, ignore_errors=True)

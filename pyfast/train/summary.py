@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from pyfast._io import atomic_write_text
+from pyfast.train.memory import memory_line
 
 
 def summarize(run, status: str) -> dict:
@@ -42,6 +43,7 @@ def summarize(run, status: str) -> dict:
         "val_samples": len(run.data.val_indices),
         "wall_s": sum(stats.segments),
         "wall_segments_s": list(stats.segments),
+        "memory": run.memory.summary(),
         "run_dir": str(run.paths.path),
         "backbone": run.backbone_info,
     }
@@ -83,6 +85,7 @@ def format_table(summary: dict) -> str:
         ("val box AP input / refined", f"{_fmt(summary.get('val_ap_input'))} / {_fmt(summary.get('val_ap_refined'))}"),
         ("skipped samples", summary.get("skipped_samples")),
         ("non-finite steps", summary.get("nonfinite_steps")),
+        ("memory (per 1000 steps)", memory_line(summary.get("memory"))),
         ("wall time", wall),
         ("run directory", summary.get("run_dir")),
     ]
