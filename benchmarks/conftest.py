@@ -43,8 +43,10 @@ def synchronize(device: torch.device) -> None:
 
 
 def measure(benchmark, *, op: str, case: str, phase: str, impl: str, fn, device: torch.device,
-            bytes_moved: int | None = None, rounds: int | None = None, extra: dict | None = None) -> Measurement:
-    """Times fn() (synchronized on CUDA) with pytest-benchmark and records the median."""
+            bytes_moved: int | None = None, rounds: int | None = None, extra: dict | None = None,
+            setup=None) -> Measurement:
+    """Times fn() (synchronized on CUDA) with pytest-benchmark and records the median. `setup`, when
+    given, runs untimed before every round (e.g. the torch op a loss follows in training)."""
 
     def run():
         fn()
@@ -52,10 +54,10 @@ def measure(benchmark, *, op: str, case: str, phase: str, impl: str, fn, device:
 
     run()  # warm-up outside the timed rounds: compilation, first allocations
     run()
-    if rounds is None:
+    if rounds is None and setup is None:
         benchmark(run)
     else:
-        benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
+        benchmark.pedantic(run, setup=setup, rounds=rounds or 100, iterations=1, warmup_rounds=1)
     result = Measurement(benchmark.stats.stats.median, bytes_moved, dict(extra or {}))
     benchmark.extra_info.update(op=op, case=case, phase=phase, impl=impl, device=str(device))
     if result.gbps is not None:
