@@ -89,6 +89,8 @@ def test_mask_loss(benchmark, device, copy_bandwidth, shape, target_dtype, impl,
     slow = device.type == "cpu" and impl == "eager"
     if slow and (shape[1] >= 1024 or mode == "interleaved"):
         pytest.skip("the eager peer is an order of magnitude behind; measured back to back at the small size only")
+    if impl == "compile" and phase == "backward":
+        pytest.skip("a compiled backward donates its buffers: it cannot be rerun on one graph (see 'full')")
     logits, targets = _inputs(shape, target_dtype, device)
     logits.requires_grad_(phase != "forward")
     loss_fn = _loss_fn(impl)
@@ -112,7 +114,7 @@ def test_mask_loss(benchmark, device, copy_bandwidth, shape, target_dtype, impl,
         extra["copy_GBps"] = round(copy_bandwidth, 1)
     case = f"{'x'.join(map(str, shape))} {str(logits.dtype)[6:]}/{target_dtype} {mode}"
     m = measure(benchmark, op="mask_loss", case=case, phase=phase, impl=impl, fn=fn, device=device,
-                bytes_moved=moved, extra=extra, rounds=5 if slow else None,
+                bytes_moved=moved, extra=extra, rounds=5 if slow else (30 if mode == "interleaved" else None),
                 setup=torch_op(device) if mode == "interleaved" else None)
     if copy_bandwidth and impl == "fused" and m.gbps:
         m.extra["pct_of_copy"] = round(100 * m.gbps / copy_bandwidth, 1)
