@@ -20,6 +20,7 @@
 #include "box_loss/box_loss.h"
 #include "common/device.h"
 #include "common/op_args.h"
+#include "common/parallel.h"
 #include "mask_loss/mask_loss.h"
 #include "pack/pack.h"
 
@@ -233,6 +234,8 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("cuda_runtime_version") = 0;
 #endif
+  m.def("cpu_parallel_backend", &cpu_parallel_backend,
+        "What runs the CPU kernels' threads: 'openmp: <runtime library>' (torch's) or 'pool'.");
 
   // ---- enums ----
   py::enum_<DType>(m, "DType")

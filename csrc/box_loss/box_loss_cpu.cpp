@@ -31,12 +31,15 @@ template <class A> inline auto pair_bits(const A* p, const A* t) {
   return m;
 }
 
-// The per-box loops below are branch-free maps over one block (the weight and output choices are
-// template parameters) so that the compiler vectorizes them. They run the loss without the
-// PairScale step and return whether a pair needed it (a coordinate at or beyond its threshold,
-// inf and NaN included); the caller then redoes that block with the scaled loss.
-template <bool VARIANT, int WEIGHT, class T, class Loss, class A>
-PYFAST_SIMD_CLONES bool map_block(const Loss& loss, int64_t count, const T* pred, const T* target, const A* weight, A* out) {
+// The per-box loops below are branch-free maps over one block so that the compiler vectorizes
+// them. They run the loss without the PairScale step and return whether a pair needed it (a
+// coordinate at or beyond its threshold, inf and NaN included); the caller then redoes that block
+// with the scaled loss. Only what changes the per-box math is a template parameter (the output
+// kind here, whether grad_target is written below): weights and the gradient's scale are applied in
+// separate passes over the block, which cost nothing next to the IoU math and keep the number of
+// instantiations (each compiled twice, for AVX2 and the baseline) small.
+template <bool VARIANT, class T, class Loss, class A>
+PYFAST_SIMD_CLONES bool map_block(const Loss& loss, int64_t count, const T* pred, const T* target, A* out) {
   decltype(abs_bits(A{})) largest = 0;
   for (int64_t j = 0; j < count; ++j) {
     A p[4], t[4];
@@ -44,16 +47,7 @@ PYFAST_SIMD_CLONES bool map_block(const Loss& loss, int64_t count, const T* pred
     box::load_box(target + 4 * j, t);
     const auto bits = pair_bits(p, t);
     largest = largest > bits ? largest : bits;
-    A value;
-    if (VARIANT) {
-      value = loss.variant(p, t);
-    } else if (WEIGHT == box::kPerCoordinate) {
-      value = loss.forward_weighted(p, t, weight + 4 * j);
-    } else {
-      value = loss.forward(p, t);
-      if (WEIGHT == box::kPerBox) value *= weight[j];
-    }
-    out[j] = value;
+    out[j] = VARIANT ? loss.variant(p, t) : loss.forward(p, t);
   }
   return reaches_scale_threshold(largest);
 }
@@ -115,18 +109,19 @@ void forward_impl(const Loss& loss, const BoxLossForward& args, int num_threads)
     const A* w = weight ? weight + begin * weight_stride(args.weight_kind) : nullptr;
     A scratch[kBoxesPerBlock];
     A* dst = reduce ? scratch : out + begin;
-    bool needs_scale;
-    if (args.output == box::kVariant) {
-      needs_scale = map_block<true, box::kNoWeight>(loss, count, p, t, w, dst);
-    } else if (args.weight_kind == box::kPerCoordinate) {
-      needs_scale = map_block<false, box::kPerCoordinate>(loss, count, p, t, w, dst);
-    } else if (args.weight_kind == box::kPerBox) {
-      needs_scale = map_block<false, box::kPerBox>(loss, count, p, t, w, dst);
+    if (args.output == box::kLoss && args.weight_kind == box::kPerCoordinate) {
+      // mmdet-style inputs, not the hot path: box by box, the scaling step always on.
+      map_block_generic(loss.scaled(), count, p, t, args.output, args.weight_kind, w, dst);
     } else {
-      needs_scale = map_block<false, box::kNoWeight>(loss, count, p, t, w, dst);
+      const bool needs_scale = args.output == box::kVariant ? map_block<true>(loss, count, p, t, dst)
+                                                            : map_block<false>(loss, count, p, t, dst);
+      if (needs_scale) {
+        // Ordinary pairs get the same bits either way: the whole block is simply done again.
+        map_block_generic(loss.scaled(), count, p, t, args.output, args.weight_kind, w, dst);
+      } else if (args.output == box::kLoss && args.weight_kind == box::kPerBox) {
+        for (int64_t j = 0; j < count; ++j) dst[j] *= w[j];
+      }
     }
-    // Ordinary pairs get the same bits either way: the whole block is simply done again.
-    if (needs_scale) map_block_generic(loss.scaled(), count, p, t, args.output, args.weight_kind, w, dst);
     if (reduce) partial[b] = sum_block(scratch, count);
   });
   if (reduce) {
@@ -136,10 +131,10 @@ void forward_impl(const Loss& loss, const BoxLossForward& args, int num_threads)
   }
 }
 
-// Returns whether a pair needed the PairScale step, as map_block.
-template <bool SCALAR_GRAD, bool WEIGHTED, bool TARGET_GRAD, class T, class Loss, class A>
-PYFAST_SIMD_CLONES bool backward_block(const Loss& loss, int64_t count, const A* grad_out, A g_scalar, A scale, const T* pred,
-                    const T* target, const A* weight, T* grad_pred, T* grad_target) {
+// Returns whether a pair needed the PairScale step, as map_block. g[j]: box j's gradient scale.
+template <bool TARGET_GRAD, class T, class Loss, class A>
+PYFAST_SIMD_CLONES bool backward_block(const Loss& loss, int64_t count, const A* g, const T* pred, const T* target,
+                                       T* grad_pred, T* grad_target) {
   decltype(abs_bits(A{})) largest = 0;
   for (int64_t j = 0; j < count; ++j) {
     A p[4], t[4], gp[4], gt[4];
@@ -147,9 +142,7 @@ PYFAST_SIMD_CLONES bool backward_block(const Loss& loss, int64_t count, const A*
     box::load_box(target + 4 * j, t);
     const auto bits = pair_bits(p, t);
     largest = largest > bits ? largest : bits;
-    A g = SCALAR_GRAD ? g_scalar : grad_out[j] * scale;
-    if (WEIGHTED) g *= weight[j];
-    loss.backward(p, t, g, gp, gt);
+    loss.backward(p, t, g[j], gp, gt);
     for (int k = 0; k < 4; ++k) grad_pred[4 * j + k] = from_acc<T>(gp[k]);
     if (TARGET_GRAD) {
       for (int k = 0; k < 4; ++k) grad_target[4 * j + k] = from_acc<T>(gt[k]);
@@ -221,31 +214,18 @@ void backward_impl(const Loss& loss, const BoxLossBackward& args, int num_thread
         gw[j] = (grad_is_scalar ? g_scalar : g[j] * scale) * loss.forward(pb, tb);
       }
     }
-    // Eight specializations: the common case (scalar grad, no weight, pred only) stays branch-free.
-    bool needs_scale = false;
-    auto run = [&](auto scalar, auto weighted, auto target_grad) {
-      needs_scale = backward_block<decltype(scalar)::value, decltype(weighted)::value, decltype(target_grad)::value>(
-          loss, count, g, g_scalar, scale, p, t, w, gp, gt);
-    };
-    auto with_target = [&](auto scalar, auto weighted) {
-      if (gt) {
-        run(scalar, weighted, std::true_type{});
-      } else {
-        run(scalar, weighted, std::false_type{});
-      }
-    };
-    auto with_weight = [&](auto scalar) {
-      if (w) {
-        with_target(scalar, std::true_type{});
-      } else {
-        with_target(scalar, std::false_type{});
-      }
-    };
+    // Each box's gradient scale, as backward_block_generic computes it.
+    A scales[kBoxesPerBlock];
     if (grad_is_scalar) {
-      with_weight(std::true_type{});
+      for (int64_t j = 0; j < count; ++j) scales[j] = g_scalar;
     } else {
-      with_weight(std::false_type{});
+      for (int64_t j = 0; j < count; ++j) scales[j] = g[j] * scale;
     }
+    if (w) {
+      for (int64_t j = 0; j < count; ++j) scales[j] *= w[j];
+    }
+    const bool needs_scale = gt ? backward_block<true>(loss, count, scales, p, t, gp, gt)
+                                : backward_block<false>(loss, count, scales, p, t, gp, gt);
     // Ordinary pairs get the same bits either way: the whole block is simply done again.
     if (needs_scale) {
       backward_block_generic(loss.scaled(), count, g, grad_is_scalar, g_scalar, scale, p, t, args.weight_kind, w,

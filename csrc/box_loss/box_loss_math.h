@@ -70,6 +70,10 @@ PYFAST_HD void hull_extent_backward(A a1, A a2, A b1, A b2, A g, A& ga1, A& ga2,
 }
 
 constexpr double kFourOverPiSquared = 0.40528473456935108577551785283891;  // 4 / pi^2
+// CIoU's aspect-ratio angles atan(w / (h + eps)) pass their full gradient only for boxes whose
+// diagonal |(w, h + eps)| is at least this fraction of the enclosing box's diagonal; see
+// variant_backward. pyfast.ops.reference.BOX_ASPECT_FLOOR is the same number.
+constexpr double kAspectFloor = 0.01;
 
 // Zero for finite coordinates, NaN when any is NaN or infinite: added to the results so that bad
 // input shows up as NaN instead of being absorbed by a max() or a clamp.
@@ -195,9 +199,12 @@ template <int MODE, class A> PYFAST_HD void variant_backward(const A* p, const A
     const A cw = hull_extent(p[0], p[2], t[0], t[2]);
     const A ch = hull_extent(p[1], p[3], t[1], t[3]);
     if (MODE == kGIoU) {
-      const A ce = cw * ch + eps;
-      const A g_c = -g * (uni + eps) / (ce * ce);
-      g_uni += g / ce;
+      // An enclosing box of zero area (both boxes of zero area, on one line): the penalty is
+      // 0 / eps = 0 and passes no gradient (it would be ~1/eps).
+      const A area_c = cw * ch, live_c = A(area_c > A(0));
+      const A ce = area_c + eps;
+      const A g_c = -live_c * g * (uni + eps) / (ce * ce);
+      g_uni += live_c * g / ce;
       g_cw += g_c * ch;
       g_ch += g_c * cw;
     } else {
@@ -226,7 +233,12 @@ template <int MODE, class A> PYFAST_HD void variant_backward(const A* p, const A
         const A v = A(kFourOverPiSquared) * diff * diff;
         const A alpha = v / (A(1) - iou + v + eps);
         const A g_diff = -g * alpha * A(2) * A(kFourOverPiSquared) * diff;
-        const A dp = A(1) / (A(1) + rp * rp), dg = A(1) / (A(1) + rg * rg);
+        // The angle's gradient has norm 1 / |(w, h + eps)|, ~1/eps for a point box: it is scaled
+        // by min(1, |(w, h + eps)|^2 / (kAspectFloor^2 c2)), which bounds it by
+        // 1 / (kAspectFloor sqrt(c2)) and leaves boxes larger than that untouched.
+        const A floor2 = A(kAspectFloor * kAspectFloor) * c2;
+        const A fp = min2(A(1), (wp * wp + hpe * hpe) / floor2), fg = min2(A(1), (wg * wg + hge * hge) / floor2);
+        const A dp = fp / (A(1) + rp * rp), dg = fg / (A(1) + rg * rg);
         g_wp += -g_diff * dp / hpe;
         g_hp += g_diff * dp * wp / (hpe * hpe);
         g_wg += g_diff * dg / hge;
@@ -234,9 +246,11 @@ template <int MODE, class A> PYFAST_HD void variant_backward(const A* p, const A
       }
     }
   }
-  // iou = inter / (uni + eps)
-  A g_inter = g / U;
-  g_uni += -g * inter / (U * U);
+  // iou = inter / (uni + eps). A zero union (both boxes of zero area): the IoU is 0 / eps = 0 and
+  // passes no gradient (it would be ~1/eps through the clamp's gradient at 0).
+  const A live = A(uni > A(0));
+  A g_inter = live * g / U;
+  g_uni += -live * g * inter / (U * U);
   // uni = wp*hp + wg*hg - inter
   g_inter -= g_uni;
   g_wp += g_uni * hp;

@@ -17,6 +17,9 @@ from pyfast.ops._checks import divide_by_avg_factor
 # The names the ops take; pyfast._C's enums carry the same ones (tests/ops/test_native_boundary.py).
 BOX_MODES = ("iou", "giou", "diou", "ciou")
 BOX_FORMATS = ("xyxy", "cxcywh")
+# CIoU's aspect-ratio angle of a box passes its full gradient only when the box's diagonal is at
+# least this fraction of the enclosing box's diagonal (csrc/box_loss/box_loss_math.h: kAspectFloor).
+BOX_ASPECT_FLOOR = 0.01
 # The per-mask sums of the fused mask loss's forward, in order.
 MASK_SUMS = ("ce", "focal", "pt", "p", "t", "bad_targets")
 
@@ -53,8 +56,30 @@ def _hull_extent(a1, a2, b1, b2):
     return hi - lo
 
 
+def _gradient_only_where(live: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`value`, passing its gradient only where `live` holds."""
+    return torch.where(live, value, value.detach())
+
+
+def _aspect_angle(w, h, c2, eps):
+    """atan(w / (h + eps)), its gradient scaled by min(1, |(w, h + eps)|^2 / (BOX_ASPECT_FLOOR^2 c2)).
+
+    The angle's gradient has norm 1 / |(w, h + eps)|: ~1/eps for a point box. Scaled so, it never
+    exceeds 1 / (BOX_ASPECT_FLOOR * sqrt(c2)), c2 the enclosing box's squared diagonal; boxes with a
+    diagonal of at least BOX_ASPECT_FLOOR of the enclosing one are untouched.
+    """
+    angle = torch.atan(w / (h + eps))
+    scale = ((w**2 + (h + eps) ** 2) / (BOX_ASPECT_FLOOR**2 * c2)).clamp(max=1).detach()
+    return angle.detach() + (angle - angle.detach()) * scale
+
+
 def box_iou_reference(pred, target, *, mode="iou", box_format="xyxy", eps=1e-7) -> torch.Tensor:
-    """Paired IoU variant (N,) of two sets of boxes, computed in float32 (float64 for float64)."""
+    """Paired IoU variant (N,) of two sets of boxes, computed in float32 (float64 for float64).
+
+    Degenerate pairs get bounded gradients: a zero union (both boxes of zero area) makes the IoU
+    0 / eps = 0 without gradient, a zero-area enclosing box does the same for the GIoU penalty, and
+    CIoU's aspect angles follow _aspect_angle.
+    """
     p, t = _acc(pred), _acc(target)
     poison = _nonfinite_poison(p, t)
     if box_format == "cxcywh":
@@ -67,20 +92,21 @@ def box_iou_reference(pred, target, *, mode="iou", box_format="xyxy", eps=1e-7) 
     ih = (torch.minimum(py2, ty2) - torch.maximum(py1, ty1)).clamp(min=0)
     inter = iw * ih
     union = wp * hp + wg * hg - inter
-    iou = inter / (union + eps)
+    iou = _gradient_only_where(union > 0, inter / (union + eps))
     if mode == "iou":
         return iou + poison
     cw = _hull_extent(px1, px2, tx1, tx2)
     ch = _hull_extent(py1, py2, ty1, ty2)
     if mode == "giou":
         area_c = cw * ch
-        return iou - (area_c - union) / (area_c + eps) + poison
+        return iou - _gradient_only_where(area_c > 0, (area_c - union) / (area_c + eps)) + poison
     dx = (px1 + px2 - tx1 - tx2) / 2
     dy = (py1 + py2 - ty1 - ty2) / 2
-    diou = iou - (dx**2 + dy**2) / (cw**2 + ch**2 + eps)
+    c2 = cw**2 + ch**2 + eps
+    diou = iou - (dx**2 + dy**2) / c2
     if mode == "diou":
         return diou + poison
-    v = (4 / math.pi**2) * (torch.atan(wg / (hg + eps)) - torch.atan(wp / (hp + eps))) ** 2
+    v = (4 / math.pi**2) * (_aspect_angle(wg, hg, c2, eps) - _aspect_angle(wp, hp, c2, eps)) ** 2
     with torch.no_grad():
         alpha = v / (1 - iou + v + eps)
     return diou - alpha * v + poison

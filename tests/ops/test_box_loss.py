@@ -120,6 +120,58 @@ def test_nasty_boxes_finite_and_match_reference(device, mode, box_format, dtype)
     assert_close(gt, rgt, *tol)
 
 
+def _zero_area_preds(n: int, generator: torch.Generator):
+    """Valid targets (shorter side s >= 1e-3) and predictions of zero area: points, zero-width and
+    zero-height lines, and slivers 1e-9 wide, anywhere around the targets (float64)."""
+    xy = torch.rand(n, 2, generator=generator, dtype=torch.float64) * 10
+    wh = torch.rand(n, 2, generator=generator, dtype=torch.float64) ** 3 * 5 + 1e-3
+    target = torch.cat([xy, xy + wh], 1)
+    corner = torch.rand(n, 2, generator=generator, dtype=torch.float64) * 20 - 5
+    size = torch.rand(n, 2, generator=generator, dtype=torch.float64) * 6
+    kind = torch.arange(n) % 4
+    size[kind == 0] = 0.0  # points
+    size[kind == 1, 0] = 0.0  # zero width
+    size[kind == 2, 1] = 0.0  # zero height
+    size[kind == 3, 0] = 1e-9  # slivers
+    return torch.cat([corner, corner + size], 1), target
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_zero_area_predictions_have_the_documented_gradient_bound(device, mode, dtype):
+    # README: |d loss / d coordinate| <= l1_weight / 4 + iou_weight * (2 / s + 128 / c), s the
+    # target's shorter side, c the enclosing diagonal (the 128 / c for CIoU only). The plain
+    # formulas give up to ~1/eps here.
+    pred, target = _zero_area_preds(4000, torch.Generator().manual_seed(31))
+    side = (target[:, 2:] - target[:, :2]).min(1).values
+    lo, hi = torch.minimum(pred[:, :2], target[:, :2]), torch.maximum(pred[:, 2:], target[:, 2:])
+    diag = (hi - lo).norm(dim=1)
+    bound = 0.25 + 2 / side + (128 / diag if mode == "ciou" else 0)
+    p, t = pred.to(device, dtype).requires_grad_(), target.to(device, dtype)
+    pyfast.box_loss(p, t, mode=mode, reduction="sum").backward()
+    grad = p.grad.double().cpu().abs().max(1).values
+    worst = (grad / bound).max().item()
+    assert worst <= 1.001, f"gradient {worst:.3g} x the bound"
+    rp = p.detach().cpu().double().requires_grad_()
+    reference.box_loss_reference(rp, t.cpu().double(), mode=mode, reduction="sum").backward()
+    tol = (1e-10, 1e-12) if dtype == torch.float64 else (1e-4, 1e-4)
+    assert_close(p.grad, rp.grad, *tol)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_both_boxes_of_zero_area_on_one_line_get_no_eps_gradient(device, mode):
+    # Zero union and zero enclosing area: the IoU and the GIoU penalty are 0 / eps = 0 and pass no
+    # gradient (the clamp's gradient at 0 would otherwise carry 1/eps).
+    pred = torch.tensor([[1.0, 2.0, 4.0, 2.0], [3.0, 3.0, 3.0, 3.0]], dtype=torch.float64, device=device)
+    target = torch.tensor([[2.0, 2.0, 5.0, 2.0], [3.0, 3.0, 3.0, 3.0]], dtype=torch.float64, device=device)
+    loss, gp, gt = _run(pyfast.box_loss, pred, target, mode=mode, reduction="none")
+    assert gp.abs().max() <= 1.0 and gt.abs().max() <= 1.0, (gp, gt)
+    rloss, rgp, rgt = _reference64(pred, target, mode=mode, reduction="none")
+    assert_close(loss, rloss, 1e-12, 1e-12)
+    assert_close(gp, rgp, 1e-12, 1e-12)
+    assert_close(gt, rgt, 1e-12, 1e-12)
+
+
 def _scaled_pairs(scale: float):
     """Valid overlapping pairs with coordinates around `scale` (float64)."""
     pred, target = random_boxes(64, generator=torch.Generator().manual_seed(20), scale=1.0)
