@@ -363,6 +363,7 @@ PYBIND11_MODULE(_C, m) {
   def_cpu(m, "mask_loss_forward_cpu", &mask_loss_forward_cpu);
   def_cpu(m, "mask_loss_backward_cpu", &mask_loss_backward_cpu);
   def_cpu(m, "mask_iou_cpu", &mask_iou_cpu);
+  m.def("_mask_loss_cpu_force_generic", &mask_loss_cpu_force_generic, "tests only: skip the AVX2 mask loss loops");
   def_cpu(m, "pack_cpu", &pack_cpu);
   m.def("_pack_cpu_force_generic", &pack_cpu_force_generic, "tests only: skip the AVX2 pack loops");
 #if PYFAST_WITH_CUDA

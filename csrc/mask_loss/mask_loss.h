@@ -90,6 +90,9 @@ int64_t mask_loss_forward_cpu(const MaskLossForward& args, int num_threads);
 void mask_loss_backward_cpu(const MaskLossBackward& args, int num_threads);
 int64_t mask_iou_cpu(const MaskIoU& args, int num_threads);
 
+// Tests only: use the portable loops even where AVX2 + FMA are available.
+void mask_loss_cpu_force_generic(bool on);
+
 #if PYFAST_WITH_CUDA
 // Bytes of scratch memory each entry point needs.
 int64_t mask_loss_forward_cuda_workspace(const MaskLossForward& args);

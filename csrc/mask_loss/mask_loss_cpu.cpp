@@ -1,13 +1,17 @@
 // CPU kernels of the fused mask loss. Forward: one pass over each mask accumulating its sums,
 // then the loss and the reduction from those O(n) values. Backward: one elementwise pass that
 // recomputes the sigmoid from the logits and reads the saved sums. mask_iou shares the forward's
-// row-sum machinery.
+// row-sum machinery. The common case (float32 logits, binary or float32 targets, no focal term)
+// runs hand-vectorized AVX2 bodies (mask_loss_avx2.h) where the CPU has them.
 #include "mask_loss/mask_loss.h"
 
 #include <algorithm>
+#include <atomic>
+#include <type_traits>
 #include <vector>
 
 #include "common/parallel.h"
+#include "mask_loss/mask_loss_avx2.h"
 #include "mask_loss/mask_loss_math.h"
 
 // Element lambdas must inline into the AVX2 clones of the loops that call them.
@@ -26,6 +30,20 @@ constexpr int64_t kMinBlocksPerThread = 2;
 constexpr int kLanes = 8;
 // Elements per buffered tile of sum_range (kTile * K values stay in L1).
 constexpr int kTile = 256;
+
+// Set by tests to run the portable loops on machines that have AVX2.
+std::atomic<bool> force_generic{false};
+
+// Whether the AVX2 bodies handle logits T, targets TT and focal mode FOCAL on this CPU.
+template <class T, class TT, int FOCAL> bool use_avx2() {
+#ifdef PYFAST_MASK_AVX2
+  constexpr bool handled = std::is_same<T, float>::value && FOCAL == mask::kNoFocal &&
+                           (std::is_same<TT, uint8_t>::value || std::is_same<TT, float>::value);
+  return handled && mask::avx2::available() && !force_generic.load(std::memory_order_relaxed);
+#else
+  return false;
+#endif
+}
 
 struct Plan {
   int64_t chunks_per_row;  // > 1 only when rows_per_block == 1
@@ -90,14 +108,15 @@ template <int K, class A, class Elem> void sum_range(int64_t begin, int64_t end,
   }
 }
 
-// Per-mask sums (n x K, double) of elem over each mask, identical for any thread count.
-template <int K, class A, class Elem>
-std::vector<double> row_sums(int64_t n, int64_t m, int num_threads, const Elem& elem) {
+// Per-mask sums (n x K, double), identical for any thread count: range(begin, end, out) writes the
+// K sums of the flat elements [begin, end) to out.
+template <int K, class Range>
+std::vector<double> row_sums(int64_t n, int64_t m, int num_threads, const Range& range) {
   const Plan plan = make_plan(n, m);
   std::vector<double> partial(static_cast<size_t>(n * plan.chunks_per_row * K), 0.0);
   parallel_blocks(plan.num_blocks, num_threads, kMinBlocksPerThread, [&](int64_t b) {
     for_each_piece(plan, n, m, b, [&](int64_t, int64_t begin, int64_t end, int64_t slot) {
-      sum_range<K, A>(begin, end, elem, partial.data() + slot * K);
+      range(begin, end, partial.data() + slot * K);
     });
   });
   if (plan.chunks_per_row == 1) return partial;
@@ -110,13 +129,31 @@ std::vector<double> row_sums(int64_t n, int64_t m, int num_threads, const Elem& 
   return sums;
 }
 
-template <class T, class TT, class Loss, class A = typename Acc<T>::type>
-int64_t forward_impl(const MaskLossForward& args, const Loss& loss, int num_threads) {
+template <class T, class TT, int FOCAL, class A>
+std::vector<double> forward_sums(const MaskLossForward& args, const mask::MaskLoss<FOCAL, A>& loss, int num_threads) {
   const T* logits = args.logits.as<const T>();
   const TT* targets = args.targets.as<const TT>();
-  const std::vector<double> sums = row_sums<mask::kNumSums, A>(
-      args.n, args.m, num_threads,
-      [&](int64_t i, A* v) PYFAST_ELEM_LAMBDA { loss.forward(to_acc<A>(logits[i]), mask::load_target<A>(targets[i]), v); });
+#ifdef PYFAST_MASK_AVX2
+  if constexpr (std::is_same<T, float>::value && FOCAL == mask::kNoFocal &&
+                (std::is_same<TT, uint8_t>::value || std::is_same<TT, float>::value)) {
+    if (use_avx2<T, TT, FOCAL>()) {
+      return row_sums<mask::kNumSums>(args.n, args.m, num_threads, [&](int64_t begin, int64_t end, double* out) {
+        mask::avx2::forward_sums(logits + begin, targets + begin, end - begin, out);
+      });
+    }
+  }
+#endif
+  auto elem = [&](int64_t i, A* v) PYFAST_ELEM_LAMBDA {
+    loss.forward(to_acc<A>(logits[i]), mask::load_target<A>(targets[i]), v);
+  };
+  return row_sums<mask::kNumSums>(args.n, args.m, num_threads, [&](int64_t begin, int64_t end, double* out) {
+    sum_range<mask::kNumSums, A>(begin, end, elem, out);
+  });
+}
+
+template <class T, class TT, class Loss, class A = typename Acc<T>::type>
+int64_t forward_impl(const MaskLossForward& args, const Loss& loss, int num_threads) {
+  const std::vector<double> sums = forward_sums<T, TT>(args, loss, num_threads);
   const mask::RowMath<A> rm = mask::row_math<A>(args.options, args.m);
   A* sums_out = args.sums.as<A>();
   A* out = args.out.as<A>();
@@ -147,8 +184,8 @@ PYFAST_SIMD_CLONES void grad_range(const Loss& loss, const mask::RowCoef<A>& c, 
   }
 }
 
-template <class T, class TT, class Loss, class A = typename Acc<T>::type>
-void backward_impl(const MaskLossBackward& args, const Loss& loss, int num_threads) {
+template <class T, class TT, int FOCAL, class A = typename Acc<T>::type>
+void backward_impl(const MaskLossBackward& args, const mask::MaskLoss<FOCAL, A>& loss, int num_threads) {
   const T* logits = args.logits.as<const T>();
   const TT* targets = args.targets.as<const TT>();
   const A* sums = args.sums.as<const A>();
@@ -158,10 +195,17 @@ void backward_impl(const MaskLossBackward& args, const Loss& loss, int num_threa
   const double scale = reduction_scale(args.reduction, args.n, args.avg_factor);
   const mask::RowMath<A> rm = mask::row_math<A>(args.options, args.m);
   const Plan plan = make_plan(args.n, args.m);
+  const bool avx2 = use_avx2<T, TT, FOCAL>();
   parallel_blocks(plan.num_blocks, num_threads, kMinBlocksPerThread, [&](int64_t b) {
     for_each_piece(plan, args.n, args.m, b, [&](int64_t row, int64_t begin, int64_t end, int64_t) {
       const A g = (grad_is_scalar ? grad_out[0] : grad_out[row]) * A(scale);
       const mask::RowCoef<A> c = mask::row_coef(rm, sums + row * mask::kNumSums, g);
+#ifdef PYFAST_MASK_AVX2
+      if constexpr (std::is_same<T, float>::value && FOCAL == mask::kNoFocal &&
+                    (std::is_same<TT, uint8_t>::value || std::is_same<TT, float>::value)) {
+        if (avx2) return mask::avx2::grad_range(c, end - begin, logits + begin, targets + begin, grad_logits + begin);
+      }
+#endif
       grad_range(loss, c, end - begin, logits + begin, targets + begin, grad_logits + begin);
     });
   });
@@ -172,9 +216,12 @@ int64_t iou_impl(const MaskIoU& args, int num_threads) {
   const T* logits = args.logits.as<const T>();
   const TT* targets = args.targets.as<const TT>();
   const A threshold = A(args.threshold);
-  const std::vector<double> sums = row_sums<mask::kNumIoUSums, A>(
+  auto elem = [&](int64_t i, A* v) PYFAST_ELEM_LAMBDA {
+    mask::iou_element(to_acc<A>(logits[i]), mask::load_target<A>(targets[i]), threshold, v);
+  };
+  const std::vector<double> sums = row_sums<mask::kNumIoUSums>(
       args.n, args.m, num_threads,
-      [&](int64_t i, A* v) PYFAST_ELEM_LAMBDA { mask::iou_element(to_acc<A>(logits[i]), mask::load_target<A>(targets[i]), threshold, v); });
+      [&](int64_t begin, int64_t end, double* out) { sum_range<mask::kNumIoUSums, A>(begin, end, elem, out); });
   A* iou = args.iou.as<A>();
   int64_t bad_masks = 0;
   for (int64_t row = 0; row < args.n; ++row) {
@@ -186,6 +233,8 @@ int64_t iou_impl(const MaskIoU& args, int num_threads) {
 }
 
 }  // namespace
+
+void mask_loss_cpu_force_generic(bool on) { force_generic.store(on); }
 
 int64_t mask_loss_forward_cpu(const MaskLossForward& args, int num_threads) {
   int64_t bad_masks = 0;

@@ -241,3 +241,104 @@ def test_pack_devices_round_trip(device):
     assert on_cpu["x"].device.type == "cpu" and torch.equal(on_cpu["x"], x.half().float().cpu())
     back = pyfast.pack({"x": x.cpu()}).unpack(device=device)
     assert back["x"].device == x.device and torch.equal(back["x"], x.half())
+
+
+# ---- out=: packing into a preallocated buffer ----
+
+
+def fresh_inputs(device, seed):
+    """Random tensors of mixed dtypes and shapes, with the nasty values in the first."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(3000, generator=g) * 3e4  # some beyond float16's range
+    a[[5, 77]] = float("nan")
+    a[9] = float("-inf")
+    b = torch.randn(257, 3, generator=g, dtype=torch.float64)
+    c = (torch.randn(40, generator=g) * 10).to(torch.bfloat16)
+    return {"a": a.to(device), "b": b.to(device), "empty": torch.empty(0, 4, device=device), "c": c.to(device)}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pack_into_out_matches_the_reference(device, target, seed):
+    inputs = fresh_inputs(device, seed)
+    total = sum(t.numel() for t in inputs.values())
+    out = torch.full((total,), 7.0, dtype=target, device=device)  # stale contents must all be replaced
+    packed = pyfast.pack(inputs, dtype=target, overflow="saturate", nonfinite="keep", out=out)
+    assert packed.buffer.data_ptr() == out.data_ptr()
+    ref_buffer, ref_counts, ref_absmax = pack_reference([t.cpu() for t in inputs.values()], dtype=target, saturate=True)
+    assert_same_bits(out, ref_buffer)
+    want = {n: (int(c[0]), int(c[1]), float(m)) for n, c, m in zip(inputs, ref_counts, ref_absmax)}
+    assert {n: (s.nonfinite, s.overflow, s.absmax) for n, s in packed.stats.items()} == want
+
+
+def test_out_packed_is_reused_and_describes_the_new_tensors(device):
+    first = pyfast.pack({"x": torch.randn(6, 4, device=device)})
+    pointer = first.buffer.data_ptr()
+    y = torch.tensor([1.0, float("inf"), 2.0], device=device)
+    again = pyfast.pack({"y": y, "z": torch.arange(21.0, device=device)}, nonfinite="keep", out=first)
+    assert again is first and first.buffer.data_ptr() == pointer
+    assert first.names == ["y", "z"] and first.shapes == {"y": (3,), "z": (21,)}
+    assert first.stats["y"].nonfinite == 1 and first.stats["z"].absmax == 20.0
+    assert_same_bits(first.unpack()["y"], y.half())
+
+
+def test_out_with_empty_inputs(device):
+    out = torch.empty(0, dtype=torch.float16, device=device)
+    packed = pyfast.pack({}, out=out)
+    assert packed.buffer is out and packed.unpack() == {}
+    packed = pyfast.pack({"e": torch.empty(0, 2, device=device)}, out=out)
+    assert packed.shapes == {"e": (0, 2)} and packed.stats["e"].absmax == 0.0
+
+
+def test_out_keeps_the_overflow_policy(device):
+    x = torch.tensor([1.0, 7e4], device=device)
+    out = torch.zeros(2, dtype=torch.float16, device=device)
+    with pytest.raises(OverflowError, match=r"'x' \(1 out of range\)"):
+        pyfast.pack({"x": x}, out=out)
+    assert out.tolist() == [1.0, float("inf")]  # documented: overwritten even when a policy raises
+    assert pyfast.pack({"x": x}, overflow="saturate", out=out).unpack()["x"].tolist() == [1.0, 65504.0]
+
+
+def test_bad_out_names_out_and_what_is_wrong():
+    x = {"x": torch.ones(2, 3)}
+    cases = [
+        (torch.empty(5, dtype=torch.float16), ValueError, "out holds 5 elements but the tensors have 6"),
+        (torch.empty(7, dtype=torch.float16), ValueError, "out holds 7 elements"),
+        (torch.empty(6, dtype=torch.bfloat16), TypeError, "out has dtype torch.bfloat16 but the pack's dtype is torch.float16"),
+        (torch.empty(6, dtype=torch.float32), TypeError, "out has dtype torch.float32"),
+        (torch.empty(6, dtype=torch.float16, device="meta"), ValueError, "out is on meta but the tensors are on cpu"),
+        (torch.empty(2, 3, dtype=torch.float16), ValueError, "out must be a contiguous 1-D tensor"),
+        (torch.empty(12, dtype=torch.float16)[::2], ValueError, "out must be a contiguous 1-D tensor"),
+        (torch.empty(6, dtype=torch.float16, requires_grad=True), ValueError, "out requires grad"),
+        ([0.0] * 6, TypeError, "out must be a torch.Tensor"),
+    ]
+    for out, error, message in cases:
+        with pytest.raises(error, match=message):
+            pyfast.pack(x, out=out)
+    small = pyfast.pack({"a": torch.ones(2)})
+    with pytest.raises(ValueError, match="out holds 2 elements but the tensors have 6"):
+        pyfast.pack(x, out=small)
+
+
+def test_out_that_shares_memory_with_an_input_is_refused():
+    storage = torch.zeros(8, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"out shares memory with tensors\[0\]"):
+        pyfast.pack([storage[:4]], out=storage[4:])
+
+
+def test_reference_backend_packs_into_out_too(device):
+    inputs = fresh_inputs(device, 3)
+    total = sum(t.numel() for t in inputs.values())
+    native = torch.empty(total, dtype=torch.float16, device=device)
+    pyfast.pack(inputs, overflow="saturate", nonfinite="keep", out=native)
+    with pyfast_env(backend="reference"):
+        reference = torch.empty(total, dtype=torch.float16, device=device)
+        stats = pyfast.pack(inputs, overflow="saturate", nonfinite="keep", out=reference).stats
+    assert_same_bits(native, reference)
+    assert stats == pyfast.pack(inputs, overflow="saturate", nonfinite="keep").stats
+
+
+def test_opcheck_pack_into(device):
+    tensors = [torch.randn(5, 3, device=device), torch.randn(7, dtype=torch.float64, device=device)]
+    out = torch.empty(22, dtype=torch.float16, device=device)
+    torch.library.opcheck(torch.ops.pyfast.pack_cast_into.default, (tensors,), dict(dtype=torch.float16, saturate=False, out=out))

@@ -1,0 +1,198 @@
+// AVX2 + FMA bodies of the mask loss's hot CPU case: float32 logits, binary (uint8/bool) or float32
+// targets, bce + dice without the focal term. Included by mask_loss_cpu.cpp only, which picks them
+// at run time when the CPU has AVX2 and FMA and otherwise runs the portable loops.
+//
+// Same formulas as mask_loss_math.h, eight elements per step with the accumulators held in
+// registers (the portable loops go through a small buffer so that the compiler can vectorize the
+// sums without reassociating them). The two divisions per element (the sigmoid's 1 / (1 + e) and
+// log1p's e / (2 + e)) use the hardware reciprocal refined by one Newton step: within 2 ulp of the
+// IEEE quotient, where a divide would cost more than all the other arithmetic of an element.
+// Results stay independent of the thread count: each piece is summed in a fixed lane order.
+#pragma once
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define PYFAST_MASK_AVX2 1
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "mask_loss/mask_loss_math.h"
+
+namespace pyfast {
+namespace mask {
+namespace avx2 {
+
+#define PYFAST_AVX2_FN __attribute__((target("avx2,fma")))
+#define PYFAST_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) inline
+
+using V = __m256;
+
+PYFAST_AVX2_INLINE V set1(float v) { return _mm256_set1_ps(v); }
+
+// 1 / d for d in [1, 3] (or NaN): rcp's 12 bits, one Newton step.
+PYFAST_AVX2_INLINE V reciprocal(V d) {
+  const V r0 = _mm256_rcp_ps(d);
+  return _mm256_fmadd_ps(r0, _mm256_fnmadd_ps(d, r0, set1(1.0f)), r0);
+}
+
+// vm::exp_nonpos_f, eight lanes: exp(x) for x <= 0, 0 below -87, NaN for NaN.
+PYFAST_AVX2_INLINE V exp_nonpos(V x) {
+  const V lo = set1(-87.0f);
+  const V in_range = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);  // false for NaN
+  const V xn = _mm256_blendv_ps(lo, x, in_range);
+  const V xc = _mm256_max_ps(lo, x);  // max returns its second operand for NaN: keeps NaN
+  const __m256i n = _mm256_cvttps_epi32(_mm256_fmsub_ps(xn, set1(1.44269504088896341f), set1(0.5f)));
+  const V fn = _mm256_cvtepi32_ps(n);
+  V r = _mm256_fnmadd_ps(fn, set1(0.693359375f), xc);
+  r = _mm256_fnmadd_ps(fn, set1(-2.12194440e-4f), r);
+  V poly = set1(1.9875691500e-4f);
+  poly = _mm256_fmadd_ps(poly, r, set1(1.3981999507e-3f));
+  poly = _mm256_fmadd_ps(poly, r, set1(8.3334519073e-3f));
+  poly = _mm256_fmadd_ps(poly, r, set1(4.1665795894e-2f));
+  poly = _mm256_fmadd_ps(poly, r, set1(1.6666665459e-1f));
+  poly = _mm256_fmadd_ps(poly, r, set1(5.0000001201e-1f));
+  const V er = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(poly, r), r, r), set1(1.0f));
+  const V scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
+  // Below -87: finite * 0 = 0; NaN * 0 stays NaN.
+  return _mm256_mul_ps(_mm256_mul_ps(er, scale), _mm256_and_ps(in_range, set1(1.0f)));
+}
+
+// vm::log1p_unit_f: log1p(e) for e in [0, 1] as 2 atanh(e / (2 + e)).
+PYFAST_AVX2_INLINE V log1p_unit(V e) {
+  const V s = _mm256_mul_ps(e, reciprocal(_mm256_add_ps(e, set1(2.0f))));
+  const V z = _mm256_mul_ps(s, s);
+  V poly = set1(1.0f / 15.0f);
+  poly = _mm256_fmadd_ps(poly, z, set1(1.0f / 13.0f));
+  poly = _mm256_fmadd_ps(poly, z, set1(1.0f / 11.0f));
+  poly = _mm256_fmadd_ps(poly, z, set1(1.0f / 9.0f));
+  poly = _mm256_fmadd_ps(poly, z, set1(1.0f / 7.0f));
+  poly = _mm256_fmadd_ps(poly, z, set1(1.0f / 5.0f));
+  poly = _mm256_fmadd_ps(poly, z, set1(1.0f / 3.0f));
+  poly = _mm256_fmadd_ps(poly, z, set1(1.0f));
+  return _mm256_mul_ps(_mm256_add_ps(s, s), poly);
+}
+
+struct Parts {
+  V e, p, q;  // exp(-|x|), sigmoid(x), 1 - sigmoid(x)
+};
+
+PYFAST_AVX2_INLINE Parts sigmoid_parts(V x) {
+  const V a = _mm256_andnot_ps(set1(-0.0f), x);
+  const V e = exp_nonpos(_mm256_xor_ps(a, set1(-0.0f)));
+  const V r = reciprocal(_mm256_add_ps(e, set1(1.0f)));
+  const V er = _mm256_mul_ps(e, r);
+  const V pos = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ);
+  return {e, _mm256_blendv_ps(er, r, pos), _mm256_blendv_ps(r, er, pos)};
+}
+
+// Targets as floats: a binary byte is 1 when non-zero.
+PYFAST_AVX2_INLINE V load_targets(const uint8_t* t) {
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(t)));
+  return _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(v, _mm256_setzero_si256())), set1(1.0f));
+}
+PYFAST_AVX2_INLINE V load_targets(const float* t) { return _mm256_loadu_ps(t); }
+
+// Up to 8 elements into zero-padded lanes (the tail of a piece).
+template <class TT> PYFAST_AVX2_INLINE void load_tail(const float* x, const TT* t, int64_t count, V& xv, V& tv) {
+  alignas(32) float xs[8] = {0};
+  alignas(32) TT ts[8] = {};
+  std::memcpy(xs, x, count * sizeof(float));
+  std::memcpy(ts, t, count * sizeof(TT));
+  xv = _mm256_load_ps(xs);
+  tv = load_targets(ts);
+}
+
+PYFAST_AVX2_INLINE V lanes_below(int64_t count) {
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), idx));
+}
+
+// Forward accumulators of one piece.
+struct ForwardAcc {
+  V ce, pt, p, t, bad;
+};
+
+template <bool kMasked> PYFAST_AVX2_INLINE V kept(V v, V keep) { return kMasked ? _mm256_and_ps(v, keep) : v; }
+
+// Adds one step's contributions; kMasked: only the lanes set in `keep` (a piece's tail).
+template <bool kFloatTargets, bool kMasked> PYFAST_AVX2_INLINE void forward_step(V x, V t, V keep, ForwardAcc& acc) {
+  const Parts s = sigmoid_parts(x);
+  // ce = max(x, 0) - x t + log1p(e); max's second operand is returned for NaN, so NaN stays.
+  const V ce = _mm256_add_ps(_mm256_fnmadd_ps(x, t, _mm256_max_ps(_mm256_setzero_ps(), x)), log1p_unit(s.e));
+  acc.ce = _mm256_add_ps(acc.ce, kept<kMasked>(ce, keep));
+  acc.pt = _mm256_add_ps(acc.pt, kept<kMasked>(_mm256_mul_ps(s.p, t), keep));
+  acc.p = _mm256_add_ps(acc.p, kept<kMasked>(s.p, keep));
+  acc.t = _mm256_add_ps(acc.t, kept<kMasked>(t, keep));
+  if (kFloatTargets) {
+    const V bad = _mm256_or_ps(_mm256_cmp_ps(t, _mm256_setzero_ps(), _CMP_LT_OQ), _mm256_cmp_ps(t, set1(1.0f), _CMP_GT_OQ));
+    acc.bad = _mm256_add_ps(acc.bad, kept<kMasked>(_mm256_and_ps(bad, set1(1.0f)), keep));
+  }
+}
+
+PYFAST_AVX2_INLINE double lane_sum(V v) {
+  alignas(32) float f[8];
+  _mm256_store_ps(f, v);
+  double s = 0.0;
+  for (int l = 0; l < 8; ++l) s += static_cast<double>(f[l]);
+  return s;
+}
+
+// The forward sums (kNumSums doubles, the focal sum 0) of count elements.
+template <class TT> PYFAST_AVX2_FN void forward_sums(const float* x, const TT* t, int64_t count, double* out) {
+  constexpr bool kFloatTargets = std::is_same<TT, float>::value;
+  const V zero = _mm256_setzero_ps();
+  ForwardAcc a0{zero, zero, zero, zero, zero}, a1 = a0;  // two chains: the adds' latency overlaps
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    forward_step<kFloatTargets, false>(_mm256_loadu_ps(x + i), load_targets(t + i), zero, a0);
+    forward_step<kFloatTargets, false>(_mm256_loadu_ps(x + i + 8), load_targets(t + i + 8), zero, a1);
+  }
+  for (; i < count; i += 8) {
+    V xv, tv;
+    const int64_t left = count - i < 8 ? count - i : 8;
+    load_tail(x + i, t + i, left, xv, tv);
+    forward_step<kFloatTargets, true>(xv, tv, lanes_below(left), a0);
+  }
+  out[kSumCE] = lane_sum(_mm256_add_ps(a0.ce, a1.ce));
+  out[kSumFocal] = 0.0;
+  out[kSumPT] = lane_sum(_mm256_add_ps(a0.pt, a1.pt));
+  out[kSumP] = lane_sum(_mm256_add_ps(a0.p, a1.p));
+  out[kSumT] = lane_sum(_mm256_add_ps(a0.t, a1.t));
+  out[kSumBadTargets] = kFloatTargets ? lane_sum(_mm256_add_ps(a0.bad, a1.bad)) : 0.0;
+}
+
+// element_grad without the focal term: cb (p - t) + p q (cd1 - cd2 t).
+PYFAST_AVX2_INLINE V grad_step(V x, V t, const RowCoef<float>& c) {
+  const Parts s = sigmoid_parts(x);
+  const V dice = _mm256_mul_ps(_mm256_mul_ps(s.p, s.q), _mm256_fnmadd_ps(set1(c.cd2), t, set1(c.cd1)));
+  return _mm256_fmadd_ps(set1(c.cb), _mm256_sub_ps(s.p, t), dice);
+}
+
+template <class TT>
+PYFAST_AVX2_FN void grad_range(const RowCoef<float>& c, int64_t count, const float* x, const TT* t, float* grad) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) _mm256_storeu_ps(grad + i, grad_step(_mm256_loadu_ps(x + i), load_targets(t + i), c));
+  if (i < count) {
+    V xv, tv;
+    load_tail(x + i, t + i, count - i, xv, tv);
+    alignas(32) float g[8];
+    _mm256_store_ps(g, grad_step(xv, tv, c));
+    std::memcpy(grad + i, g, (count - i) * sizeof(float));
+  }
+}
+
+inline bool available() {
+  static const bool value = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return value;
+}
+
+#undef PYFAST_AVX2_FN
+#undef PYFAST_AVX2_INLINE
+
+}  // namespace avx2
+}  // namespace mask
+}  // namespace pyfast
+#endif
