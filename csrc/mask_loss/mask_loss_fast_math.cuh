@@ -13,9 +13,11 @@
 //   p = sigmoid(x), 1 - p    relative <= 2^-20 + |x| 2^-24   (approximate reciprocal of 1 + e)
 //   log1p(e), e in [0, 1]    relative <= 2.5e-7              (degree-9 polynomial in e)
 // so the cross entropy is within 2e-7 absolute (plus its float32 rounding) and every term that
-// depends on p within 1e-6 relative: a one-element mask's loss is within 2e-6 + 1e-6 |loss| of
-// the float64 reference, and a mean over a mask adds only float32 accumulation error (the same as
-// the accurate path's). tests/ops/test_cuda_mask_loss.py checks both on every finite 16-bit logit.
+// depends on p within 1e-6 relative: a one-element mask's loss (bce + dice) is within
+// 2e-6 + 1e-6 |loss| of the float64 reference for binary targets at every finite logit (soft
+// targets add the float32 rounding of x * t, 2^-24 |x t|, as in the accurate path), and a mean over
+// a mask adds only float32 accumulation error, the same as the accurate path's.
+// tests/ops/test_cuda_mask_loss.py checks this bound on every finite 16-bit logit.
 //
 // The focal term keeps the accurate forms: (1 - p_t)^gamma for a general gamma needs log and exp of
 // values near 0 where the approximate forms flush subnormals, and gamma == 2 needs neither.
