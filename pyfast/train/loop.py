@@ -11,9 +11,12 @@ run, `last.pt`, summary.json and the plots are written.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from typing import Optional
+
+import torch
 
 from pyfast.train.evaluate import validate
 from pyfast.train.metrics import MetricsLog
@@ -34,7 +37,7 @@ def train(run, *, loss_hook: LossHook = None, progress_bar: Optional[bool] = Non
     """
     clock = Clock(run, started)
     status, error = "completed", None
-    with GracefulStop() as stop:
+    with GracefulStop() as stop, denormals_flushed(run.device):
         try:
             with MetricsLog(run.paths.metrics, tensorboard_dir=run.paths.tensorboard, log=run.log) as metrics:
                 fit(run, metrics, stop, clock, loss_hook, progress_bar)
@@ -55,6 +58,26 @@ def train(run, *, loss_hook: LossHook = None, progress_bar: Optional[bool] = Non
     if error is not None:
         raise error
     return summary
+
+
+@contextlib.contextmanager
+def denormals_flushed(device: torch.device):
+    """Float32 subnormals flushed to zero on the CPU while the run trains, as they were afterwards.
+
+    As the heads sharpen, softmax and sigmoid tails fall into float32's subnormal range, where x86
+    arithmetic is many times slower (measured: 0.44 -> 0.05 s/batch warm for --fast). The flush is
+    deterministic, so resumed runs stay exact; it is process-wide, so it is undone when the run ends
+    for the code that called it.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    was_flushing = (torch.full((1,), 1e-39) * 0.5).item() == 0.0  # torch has no getter for it
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(was_flushing)
 
 
 class Clock:

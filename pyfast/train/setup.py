@@ -376,11 +376,6 @@ def prepare(
     precision = resolve_precision(cfg.precision, device)
     if precision == "fp16" and device.type == "cpu":
         log("warning: fp16 on CPU is slow and needs a GradScaler; bf16 is the CPU choice")
-    if device.type == "cpu":
-        # As the heads sharpen, softmax and sigmoid tails fall into float32's subnormal range, where
-        # x86 arithmetic is many times slower (measured: 0.44 -> 0.05 s/batch warm for --fast).
-        # Flushing them to zero is process-wide and deterministic, so resumed runs stay exact.
-        torch.set_flush_denormal(True)
     backend = describe_backend(device)
     if backend.startswith("reference") and _native.backend_setting() != "reference":
         log(f"warning: pyfast has no native {device.type} kernels in this build: the ops run their PyTorch reference twins")
