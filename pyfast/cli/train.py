@@ -57,6 +57,7 @@ def _main(args: argparse.Namespace, started: float) -> int:
     from pyfast.cli.options import config_layers
     from pyfast.data import MissingSourceError, TooManyBadSamples
     from pyfast.models import BackboneError
+    from pyfast.models.weights import WeightsError
     from pyfast.train import (
         CheckpointError, ConfigError, FeatureError, RunDirError, TrainingDiverged, build_config, format_table,
         plan_resume, prepare, train,
@@ -77,7 +78,8 @@ def _main(args: argparse.Namespace, started: float) -> int:
             run = prepare(config, resume=checkpoint)
         else:
             run = prepare(build_config(*layers))
-    except (ConfigError, RunDirError, DataError, MissingSourceError, BackboneError, CheckpointError, FeatureError) as error:
+    except (ConfigError, RunDirError, DataError, MissingSourceError, BackboneError, WeightsError, CheckpointError,
+            FeatureError) as error:
         return _fail(str(error))
 
     try:
