@@ -28,7 +28,7 @@ PYTHON=$(command -v python3 || command -v python)
 # The tests import the installed package: pytest's own script, run from the repository, puts the
 # test folders on sys.path but not the source tree (which has no built module).
 PYTEST=$(command -v pytest || true)
-# The CUDA op tests, under the sanitizers: the device-parametrized ones on CUDA and test_cuda.py,
+# The CUDA op tests, under the sanitizers: the device-parametrized ones on CUDA and test_cuda*.py,
 # without the multi-GB cases and the torch-only machinery (compile, opcheck, gradcheck).
 SANITIZE_TESTS="cuda and not huge and not compile and not opcheck and not gradcheck"
 

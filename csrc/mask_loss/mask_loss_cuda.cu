@@ -1,23 +1,38 @@
 // CUDA kernels of the fused mask loss.
 //
-// Forward, three launches, no atomics, no host sync: (1) blocks over (mask, chunk) work items
-// sum the per-element terms with 16-byte loads and write one partial per item; (2) one thread
-// per mask adds its partials in chunk order and computes the mask's loss; (3) one block adds the
-// mask losses in a fixed order. Backward: per-mask coefficients, then one elementwise pass.
-// mask_iou reuses (1) and (2).
+// Forward, no atomics, no host sync, every sum in a fixed order (the result does not depend on
+// the block schedule):
+// - masks of up to kWarpMask elements: one warp per mask, eight masks to a block; the warp adds
+//   its mask's terms, reduces them with shuffles and computes the mask's loss itself (one launch);
+// - larger masks: blocks over (mask, chunk) work items write one partial per item, then one warp
+//   per mask adds its partials (lanes over chunks in order, then a shuffle tree) and computes the
+//   loss: a 4096 x 4096 mask's 2048 partials take 64 adds per lane, not 2048 on one thread.
+// With a reduction, one block then adds the mask losses in a fixed order.
+// Backward: per-mask coefficients, then one elementwise pass. mask_iou reuses the forward's
+// reductions. 16-bit logits use the fast element math of mask_loss_fast_math.cuh.
 #include "mask_loss/mask_loss.h"
 
 #include "common/cuda_utils.cuh"
+#include "mask_loss/mask_loss_fast_math.cuh"
 #include "mask_loss/mask_loss_math.h"
 
 namespace pyfast {
 namespace {
 
-// Elements per forward work item: enough per block to hide latency, small enough that a few
-// large masks still spread over every SM.
+constexpr int kWarpsPerBlock = kThreadsPerBlock / 32;
+// Masks up to this size go one warp each (at most 128 elements per lane).
+constexpr int64_t kWarpMask = 4096;
+// Elements per block work item of a larger mask: enough per block to hide latency, small enough
+// that a few large masks still spread over every SM.
 constexpr int64_t kChunk = 8192;
 
+// The path depends on the mask size only, so a mask's result does not depend on its batch.
+bool warp_per_mask(int64_t m) { return m <= kWarpMask; }
 int64_t chunks_per_row(int64_t m) { return m > 0 ? (m + kChunk - 1) / kChunk : 1; }
+int warp_grid(int64_t n) {
+  const int64_t blocks = (n + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  return static_cast<int>(blocks < 1 ? 1 : (blocks > kMaxBlocks ? kMaxBlocks : blocks));
+}
 
 // VEC elements of E in one aligned load: 16 bytes of logits (4 float, 8 half, 2 double).
 template <class E, int VEC> struct alignas(sizeof(E) * VEC) Vec {
@@ -32,75 +47,134 @@ template <class T, class TT> bool can_vectorize(int64_t m, const void* logits, c
          reinterpret_cast<uintptr_t>(targets) % sizeof(Vec<TT, VEC>) == 0;
 }
 
+// Adds the terms of elements [begin, end) to acc, `lane` of `lanes` threads striding over them.
+// With VECTOR, begin and end are multiples of VEC.
+template <int K, bool VECTOR, class A, class T, class TT, class Elem>
+__device__ __forceinline__ void add_terms(const Elem& elem, int64_t begin, int64_t end, int lane, int lanes,
+                                          const T* __restrict__ logits, const TT* __restrict__ targets, A* acc) {
+  constexpr int VEC = vec_width<T>();
+  if (VECTOR) {
+    const auto* lv = reinterpret_cast<const Vec<T, VEC>*>(logits);
+    const auto* tv = reinterpret_cast<const Vec<TT, VEC>*>(targets);
+#pragma unroll 2
+    for (int64_t v = begin / VEC + lane; v < end / VEC; v += lanes) {
+      const Vec<T, VEC> x = lv[v];
+      const Vec<TT, VEC> t = tv[v];
+      A xa[VEC];
+      mask_fast::to_acc_n<A, T, VEC>(x.v, xa);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        A s[K];
+        elem(xa[j], mask::load_target<A>(t.v[j]), s);
+#pragma unroll
+        for (int k = 0; k < K; ++k) acc[k] += s[k];
+      }
+    }
+  } else {
+    for (int64_t i = begin + lane; i < end; i += lanes) {
+      A s[K];
+      elem(to_acc<A>(logits[i]), mask::load_target<A>(targets[i]), s);
+#pragma unroll
+      for (int k = 0; k < K; ++k) acc[k] += s[k];
+    }
+  }
+}
+
+// K sums over the block, in a fixed order; valid in thread 0.
+template <int K, class A> __device__ __forceinline__ void block_sums(A* acc) {
+  __shared__ A warp_partials[K][kWarpsPerBlock];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int k = 0; k < K; ++k) acc[k] = warp_sum(acc[k]);
+  __syncthreads();  // the previous item's reads of warp_partials are done
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) warp_partials[k][warp] = acc[k];
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) acc[k] = warp_sum(lane < kWarpsPerBlock ? warp_partials[k][lane] : A(0));
+  }
+}
+
+// Small masks: warp w of the grid takes masks w, w + warps, ...; lane 0 hands the mask's K sums
+// to `finish`.
+template <int K, bool VECTOR, class T, class TT, class Elem, class Finish, class A>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    warp_rows_kernel(Elem elem, Finish finish, int64_t n, int64_t m, const T* __restrict__ logits,
+                     const TT* __restrict__ targets, A /*type tag*/) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = (int64_t)gridDim.x * kWarpsPerBlock;
+  for (int64_t row = blockIdx.x * (int64_t)kWarpsPerBlock + (threadIdx.x >> 5); row < n; row += warps) {
+    A acc[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) acc[k] = A(0);
+    add_terms<K, VECTOR>(elem, row * m, row * m + m, lane, 32, logits, targets, acc);
+#pragma unroll
+    for (int k = 0; k < K; ++k) acc[k] = warp_sum(acc[k]);
+    if (lane == 0) finish(row, acc);
+  }
+}
+
+// Larger masks: one partial per (mask, chunk) work item.
 template <int K, bool VECTOR, class T, class TT, class Elem, class A>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     row_partials_kernel(Elem elem, int64_t n, int64_t m, int64_t cpr, const T* __restrict__ logits,
                         const TT* __restrict__ targets, A* __restrict__ partial) {
-  constexpr int VEC = vec_width<T>();
   const int64_t items = n * cpr;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
     const int64_t row = item / cpr, c = item % cpr;
     const int64_t begin = row * m + c * kChunk;
     const int64_t end = row * m + (m < (c + 1) * kChunk ? m : (c + 1) * kChunk);
     A acc[K];
-    for (int k = 0; k < K; ++k) acc[k] = A(0);
-    if (VECTOR) {
-      // begin and end are multiples of VEC (m and kChunk are).
-      const auto* lv = reinterpret_cast<const Vec<T, VEC>*>(logits);
-      const auto* tv = reinterpret_cast<const Vec<TT, VEC>*>(targets);
-      for (int64_t v = begin / VEC + threadIdx.x; v < end / VEC; v += blockDim.x) {
-        const Vec<T, VEC> x = lv[v];
-        const Vec<TT, VEC> t = tv[v];
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          A s[K];
-          elem(to_acc<A>(x.v[j]), mask::load_target<A>(t.v[j]), s);
-          for (int k = 0; k < K; ++k) acc[k] += s[k];
-        }
-      }
-    } else {
-      for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-        A s[K];
-        elem(to_acc<A>(logits[i]), mask::load_target<A>(targets[i]), s);
-        for (int k = 0; k < K; ++k) acc[k] += s[k];
-      }
-    }
-    for (int k = 0; k < K; ++k) {
-      const A total = block_sum(acc[k]);
-      if (threadIdx.x == 0) partial[item * K + k] = total;
+    for (int k = 0; k < K; ++k) acc[k] = A(0);
+    add_terms<K, VECTOR>(elem, begin, end, threadIdx.x, blockDim.x, logits, targets, acc);
+    block_sums<K>(acc);
+    if (threadIdx.x == 0) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) partial[item * K + k] = acc[k];
     }
   }
 }
 
-// Adds each mask's partials in chunk order into sums (n x K).
-template <int K, class A> __device__ __forceinline__ void gather_row(const A* partial, int64_t row, int64_t cpr, A* s) {
-  for (int k = 0; k < K; ++k) s[k] = A(0);
-  for (int64_t c = 0; c < cpr; ++c) {
-    for (int k = 0; k < K; ++k) s[k] += partial[(row * cpr + c) * K + k];
-  }
-}
-
-template <class A>
+// One warp per mask adds its cpr partials: lane l takes chunks l, l + 32, ... in order, then a
+// shuffle tree; lane 0 hands the sums to `finish`.
+template <int K, class Finish, class A>
 __global__ void __launch_bounds__(kThreadsPerBlock)
-    loss_rows_kernel(mask::RowMath<A> rm, int64_t n, int64_t cpr, const A* __restrict__ partial,
-                     A* __restrict__ sums, A* __restrict__ row_loss) {
-  for (int64_t row = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; row < n; row += (int64_t)gridDim.x * blockDim.x) {
-    A s[mask::kNumSums];
-    gather_row<mask::kNumSums>(partial, row, cpr, s);
+    finish_rows_kernel(Finish finish, int64_t n, int64_t cpr, const A* __restrict__ partial) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = (int64_t)gridDim.x * kWarpsPerBlock;
+  for (int64_t row = blockIdx.x * (int64_t)kWarpsPerBlock + (threadIdx.x >> 5); row < n; row += warps) {
+    A acc[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) acc[k] = A(0);
+    for (int64_t c = lane; c < cpr; c += 32) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) acc[k] += partial[(row * cpr + c) * K + k];
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) acc[k] = warp_sum(acc[k]);
+    if (lane == 0) finish(row, acc);
+  }
+}
+
+// What happens to a mask's sums: the loss (and the sums saved for the backward), or the IoU.
+template <class A> struct LossFinish {
+  mask::RowMath<A> rm;
+  A* sums;
+  A* row_loss;
+  __device__ __forceinline__ void operator()(int64_t row, const A* s) const {
+#pragma unroll
     for (int k = 0; k < mask::kNumSums; ++k) sums[row * mask::kNumSums + k] = s[k];
     row_loss[row] = rm.template loss<A>(s);
   }
-}
-
-template <class A>
-__global__ void __launch_bounds__(kThreadsPerBlock)
-    iou_rows_kernel(int64_t n, int64_t cpr, const A* __restrict__ partial, A* __restrict__ iou) {
-  for (int64_t row = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; row < n; row += (int64_t)gridDim.x * blockDim.x) {
-    A s[mask::kNumIoUSums];
-    gather_row<mask::kNumIoUSums>(partial, row, cpr, s);
-    iou[row] = mask::iou_from_sums<A>(s);
-  }
-}
+};
+template <class A> struct IoUFinish {
+  A* iou;
+  __device__ __forceinline__ void operator()(int64_t row, const A* s) const { iou[row] = mask::iou_from_sums<A>(s); }
+};
 
 // One block: out[0] = scale * sum(values), in a fixed order.
 template <class A>
@@ -137,17 +211,17 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       const mask::RowCoef<A> c = coef[v * VEC / m];
       const Vec<T, VEC> x = lv[v];
       const Vec<TT, VEC> t = tv[v];
-      Vec<T, VEC> out;
+      A xa[VEC], ga[VEC];
+      mask_fast::to_acc_n<A, T, VEC>(x.v, xa);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        out.v[j] = from_acc<T>(mask::element_grad(loss, c, to_acc<A>(x.v[j]), mask::load_target<A>(t.v[j])));
-      }
+      for (int j = 0; j < VEC; ++j) ga[j] = loss.grad(c, xa[j], mask::load_target<A>(t.v[j]));
+      Vec<T, VEC> out;
+      mask_fast::from_acc_n<T, A, VEC>(ga, out.v);
       gv[v] = out;
     }
   } else {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += stride) {
-      grad[i] = from_acc<T>(
-          mask::element_grad(loss, coef[i / m], to_acc<A>(logits[i]), mask::load_target<A>(targets[i])));
+      grad[i] = from_acc<T>(loss.grad(coef[i / m], to_acc<A>(logits[i]), mask::load_target<A>(targets[i])));
     }
   }
 }
@@ -161,27 +235,43 @@ template <class A> struct IoUElem {
   __device__ __forceinline__ void operator()(A x, A t, A* s) const { mask::iou_element(x, t, threshold, s); }
 };
 
-template <int K, class T, class TT, class Elem, class A>
-void launch_partials(const Elem& elem, int64_t n, int64_t m, const T* logits, const TT* targets, A* partial,
-                     cudaStream_t stream) {
+// The K per-mask sums of `elem` over every mask, handed to `finish` (see the top of the file).
+template <int K, class T, class TT, class Elem, class Finish, class A>
+void launch_rows(const Elem& elem, const Finish& finish, int64_t n, int64_t m, const T* logits, const TT* targets,
+                 A* partial, cudaStream_t stream) {
+  const bool vector = can_vectorize<T, TT>(m, logits, targets);
+  if (warp_per_mask(m)) {
+    if (vector) {
+      warp_rows_kernel<K, true><<<warp_grid(n), kThreadsPerBlock, 0, stream>>>(elem, finish, n, m, logits, targets, A(0));
+    } else {
+      warp_rows_kernel<K, false><<<warp_grid(n), kThreadsPerBlock, 0, stream>>>(elem, finish, n, m, logits, targets, A(0));
+    }
+    check_launch("mask_loss per-mask sums");
+    return;
+  }
   const int64_t cpr = chunks_per_row(m);
   const int64_t items = n * cpr;
   const int blocks = static_cast<int>(items < kMaxBlocks ? items : kMaxBlocks);
-  if (can_vectorize<T, TT>(m, logits, targets)) {
+  if (vector) {
     row_partials_kernel<K, true><<<blocks, kThreadsPerBlock, 0, stream>>>(elem, n, m, cpr, logits, targets, partial);
   } else {
     row_partials_kernel<K, false><<<blocks, kThreadsPerBlock, 0, stream>>>(elem, n, m, cpr, logits, targets, partial);
   }
-  check_launch("mask_loss row sums");
+  check_launch("mask_loss partial sums");
+  finish_rows_kernel<K><<<warp_grid(n), kThreadsPerBlock, 0, stream>>>(finish, n, cpr, partial);
+  check_launch("mask_loss per-mask sums");
 }
 
 int64_t acc_size(DType dtype) { return dtype == DType::Float64 ? sizeof(double) : sizeof(float); }
+
+// Accumulator values of the (mask, chunk) partials: none when each mask is one warp's.
+int64_t partial_count(int64_t n, int64_t m, int k) { return warp_per_mask(m) ? 0 : n * chunks_per_row(m) * k; }
 
 }  // namespace
 
 int64_t mask_loss_forward_cuda_workspace(const MaskLossForward& args) {
   // The partials, then one loss per mask.
-  return (args.n * chunks_per_row(args.m) * mask::kNumSums + args.n) * acc_size(args.dtype);
+  return (partial_count(args.n, args.m, mask::kNumSums) + args.n) * acc_size(args.dtype);
 }
 
 int64_t mask_loss_backward_cuda_workspace(const MaskLossBackward& args) {
@@ -190,7 +280,7 @@ int64_t mask_loss_backward_cuda_workspace(const MaskLossBackward& args) {
 }
 
 int64_t mask_iou_cuda_workspace(const MaskIoU& args) {
-  return args.n * chunks_per_row(args.m) * mask::kNumIoUSums * acc_size(args.dtype);
+  return partial_count(args.n, args.m, mask::kNumIoUSums) * acc_size(args.dtype);
 }
 
 void mask_loss_forward_cuda(const MaskLossForward& args, const CudaLaunch& launch) {
@@ -202,16 +292,13 @@ void mask_loss_forward_cuda(const MaskLossForward& args, const CudaLaunch& launc
     using TT = decltype(target_tag);
     using A = typename Acc<T>::type;
     A* partial = launch.workspace.as<A>();
-    const int64_t cpr = chunks_per_row(args.m);
-    A* row_loss = reduce ? partial + args.n * cpr * mask::kNumSums : args.out.as<A>();
+    A* row_loss = reduce ? partial + partial_count(args.n, args.m, mask::kNumSums) : args.out.as<A>();
     if (args.n > 0 && args.m > 0) {
-      mask::dispatch_focal<A>(args.options, [&](const auto& loss) {
-        launch_partials<mask::kNumSums>(ForwardElem<std::decay_t<decltype(loss)>>{loss}, args.n, args.m,
-                                        args.logits.as<const T>(), args.targets.as<const TT>(), partial, stream);
+      const LossFinish<A> finish{mask::row_math<A>(args.options, args.m), args.sums.as<A>(), row_loss};
+      mask_fast::dispatch_loss<T, A>(args.options, [&](const auto& loss) {
+        launch_rows<mask::kNumSums>(ForwardElem<std::decay_t<decltype(loss)>>{loss}, finish, args.n, args.m,
+                                    args.logits.as<const T>(), args.targets.as<const TT>(), partial, stream);
       });
-      loss_rows_kernel<A><<<grid_for(args.n), kThreadsPerBlock, 0, stream>>>(
-          mask::row_math<A>(args.options, args.m), args.n, cpr, partial, args.sums.as<A>(), row_loss);
-      check_launch("mask_loss per-mask loss");
     }
     if (reduce) {
       // With n == 0 this writes 0 (times scale).
@@ -242,7 +329,7 @@ void mask_loss_backward_cuda(const MaskLossBackward& args, const CudaLaunch& lau
     auto* g = args.grad_logits.as<T>();
     const bool vector = can_vectorize<T, TT>(args.m, x, t) &&
                         reinterpret_cast<uintptr_t>(g) % sizeof(Vec<T, vec_width<T>()>) == 0;
-    mask::dispatch_focal<A>(args.options, [&](const auto& loss) {
+    mask_fast::dispatch_loss<T, A>(args.options, [&](const auto& loss) {
       if (vector) {
         backward_kernel<true><<<grid_for(total, vec_width<T>()), kThreadsPerBlock, 0, stream>>>(loss, total, args.m,
                                                                                                 coef, x, t, g);
@@ -262,12 +349,9 @@ void mask_iou_cuda(const MaskIoU& args, const CudaLaunch& launch) {
     using T = decltype(tag);
     using TT = decltype(target_tag);
     using A = typename Acc<T>::type;
-    A* partial = launch.workspace.as<A>();
-    launch_partials<mask::kNumIoUSums>(IoUElem<A>{A(args.threshold)}, args.n, args.m, args.logits.as<const T>(),
-                                       args.targets.as<const TT>(), partial, stream);
-    iou_rows_kernel<A><<<grid_for(args.n), kThreadsPerBlock, 0, stream>>>(args.n, chunks_per_row(args.m), partial,
-                                                                         args.iou.as<A>());
-    check_launch("mask_iou per-mask result");
+    launch_rows<mask::kNumIoUSums>(IoUElem<A>{A(args.threshold)}, IoUFinish<A>{args.iou.as<A>()}, args.n, args.m,
+                                   args.logits.as<const T>(), args.targets.as<const TT>(), launch.workspace.as<A>(),
+                                   stream);
   });
 }
 

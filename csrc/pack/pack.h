@@ -30,9 +30,9 @@ static_assert(sizeof(PackItem) == 32, "PackItem is read as 4 int64 per item from
 // absmax[i] = max |x| over the finite values (0 when there are none). `counts` and `absmax`
 // must be zeroed by the caller (the CUDA kernel accumulates into them with atomics).
 struct PackArgs {
-  Address items;  // num_items PackItem rows: host memory for the CPU kernel, device memory for CUDA
+  Address items;  // num_items PackItem rows, host memory (the CUDA launch passes them as kernel parameters)
   int64_t num_items = 0;
-  int64_t max_numel = 0;  // the largest item (sizes the CUDA grid)
+  int64_t max_numel = 0;  // the largest item
   DType out_dtype = DType::Float16;  // Float16 or BFloat16
   bool saturate = false;
   Address dst;     // sum of numel elements of out_dtype

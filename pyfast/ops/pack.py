@@ -92,10 +92,9 @@ def _launch(tensors, dtype, saturate, buffer):
     for t, numel in zip(sources, numels):
         rows.append((t.data_ptr(), numel, offset, int(_native.DTYPES[t.dtype])))
         offset += numel
+    # Host memory on every device: the CUDA launch passes the items as kernel parameters (no
+    # upload, so the call can be captured in a CUDA graph).
     table = torch.tensor(rows, dtype=torch.int64)
-    if device.type == "cuda":
-        # The item table goes up through pinned memory, ordered on the current stream: no sync.
-        table = table.pin_memory().to(device, non_blocking=True)
     _native.launch(
         "pack", device, items=table, num_items=n, max_numel=max(numels), out_dtype=_native.DTYPES[dtype],
         saturate=saturate, dst=buffer, counts=counts, absmax=absmax,
