@@ -120,6 +120,9 @@ class TrainConfig:
                                    help="also save checkpoints/last.pt every N optimizer steps (0: at epoch ends)")
     max_nonfinite_in_a_row: int = option(10, group="run", minimum=1, metavar="N",
                                          help="stop after N optimizer steps in a row with a non-finite loss or gradient")
+    dist_timeout: float = option(600.0, group="run", above=0.0, metavar="S",
+                                 help="with several processes (torchrun): seconds a collective waits for the other "
+                                 "ranks before the run stops with an error")
     fast: bool = option(False, group="run", help="the quick preset (recorded; the --fast flag applies FAST)")
 
     def validate(self) -> "TrainConfig":

@@ -1,0 +1,184 @@
+"""pyfast-train over two gloo processes on CPU: the world-size-2 case of the same code.
+
+The runs use 38 samples (33 training, 5 validation) in batches of 8: slots of 16 samples, 3 steps
+an epoch, the last slot holding a single sample, so rank 0's part of it is empty (its step joins
+the gradient all-reduce with zeros) and rank 1's loss is weighted by 2 * 1/1.
+
+The ranks are forked from the test process when it holds no CUDA context (a fresh interpreter
+spends seconds importing torch), spawned otherwise; the SIGTERM test runs the real torchrun.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import torch._dynamo  # noqa: F401  (the optimizer imports it on first use: once here, not in each forked rank)
+import torch.multiprocessing as mp
+
+import pyfast
+from ddp_worker import free_port, run_rank
+from pyfast.cli.train import main
+from pyfast.train.metrics import read_jsonl
+from pyfast.train.sharding import epoch_order, micro_slots, rank_batches, slot_weight
+
+SAMPLES = 38
+CONFIG = {
+    "data": [f"synthetic:,num_samples={SAMPLES},image_size=32"],
+    "image_size": 32, "batch_size": 8, "roi_size": 4, "hidden": 8, "epochs": 3, "workers": 0, "device": "cpu",
+}  # fmt: skip
+STEPS = 9  # 3 epochs of 3 steps
+NAN_AT = [1, 2]  # rank 1's loss at step 2 is NaN: every rank must skip that step
+RAISE_AT = [1, 5]  # rank 1 raises while computing step 5
+
+
+def _spawn(tmp_path: Path, name: str, faults: dict, resume: bool = False, **more) -> dict:
+    """Two ranks of one run in RUN_DIR=tmp_path/name; returns each rank's record."""
+    records = tmp_path / f"{name}-records-{'resume' if resume else 'start'}"
+    records.mkdir()
+    config = {**CONFIG, "out": str(tmp_path / name), **more}
+    start = "fork" if "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized() else "spawn"
+    mp.start_processes(run_rank, args=(2, free_port(), config, str(records), faults, resume), nprocs=2, start_method=start)
+    return {rank: json.loads((records / f"rank{rank}.json").read_text()) for rank in (0, 1)}
+
+
+def _losses(run: Path):
+    return [(r["step"], r["loss"], r["parts"], r["lr"], r["grad_norm"], r["iou_refined"]) for r in read_jsonl(run / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 2-rank run of STEPS steps, with a NaN planted on rank 1 at step 2."""
+    tmp_path = tmp_path_factory.mktemp("ddp")
+    return tmp_path / "full", _spawn(tmp_path, "full", {"nan": NAN_AT})
+
+
+def test_sharding_meets_every_sample_once_with_the_same_steps_on_every_rank():
+    for n in (1, 2, 5, 16, 33, 64, 101):
+        for batch_size in (1, 3, 8):
+            for world in (1, 2, 3, 8):
+                order = epoch_order(list(range(100, 100 + n)), seed=4, epoch=7)
+                shards = [rank_batches(order, batch_size, rank, world) for rank in range(world)]
+                slots = micro_slots(n, batch_size, world)
+                assert all(len(shard) == slots for shard in shards)  # DDP: the same number of steps everywhere
+                met = [i for slot in range(slots) for shard in shards for i in shard[slot]]
+                assert met == order  # every sample once, in the epoch's order: nothing repeated, nothing dropped
+                for slot in range(slots):
+                    sizes = [len(shard[slot]) for shard in shards]
+                    assert max(sizes) - min(sizes) <= 1 and (max(sizes) == batch_size or slot == slots - 1)
+                    weights = [slot_weight(n, slot, batch_size, rank, world) for rank in range(world)]
+                    assert weights == pytest.approx([world * s / sum(sizes) for s in sizes])
+                    assert sum(weights) == pytest.approx(world)  # DDP's mean over ranks: a mean over samples
+    # one rank: the plain batches of the order; the order moves with the epoch and the seed only
+    order = epoch_order(list(range(20)), seed=1, epoch=2)
+    assert rank_batches(order, 8) == [order[:8], order[8:16], order[16:]]
+    assert epoch_order(list(range(20)), 1, 2) == order != epoch_order(list(range(20)), 1, 3)
+
+
+def test_two_ranks_train_one_run(reference):
+    run, ranks = reference
+    for rank in (0, 1):
+        assert ranks[rank]["outcome"] == {"status": "completed", "steps": STEPS}
+    assert ranks[0]["params"] == ranks[1]["params"]  # the ranks never diverged, the skipped step included
+    # each training sample met exactly once per epoch, across the ranks; rank 0's part of the last slot is empty
+    train_samples = SAMPLES - 5
+    for epoch in range(3):
+        met = [i for rank in (0, 1) for e, indices in ranks[rank]["seen"] if e == epoch for i in indices]
+        assert len(met) == len(set(met)) == train_samples
+    assert [len(indices) for _, indices in ranks[0]["seen"]][:3] == [8, 8, 0]
+    assert [len(indices) for _, indices in ranks[1]["seen"]][:3] == [8, 8, 1]
+
+    # one set of outputs, written by rank 0, with the totals of both ranks
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == STEPS and summary["steps_per_epoch"] == 3
+    assert summary["backbone_samples"] == SAMPLES  # one shared cache: every sample computed once, by one rank
+    assert summary["cache_hit_rate"] == 1.0 and summary["cache_lookups_warm"] == 2 * SAMPLES
+    assert summary["nonfinite_steps"] == 1 and summary["val_ap_refined"] is not None
+    records = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert [r["skipped_step"] for r in records] == [False, True] + [False] * (STEPS - 2)
+    assert records[1]["loss"] == "nan"
+    assert all(r["cache_hit_rate"] == 1.0 for r in records[3:])  # every rank hits from epoch 2
+    assert all(r["cache_hit_rate"] == 0.0 for r in records[:3])
+    assert len(read_jsonl(run / "val.jsonl")) == 3
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert checkpoint["world_size"] == 2 and checkpoint["progress"] == {"step": STEPS, "epoch": 3, "micro": 0}
+
+
+def test_a_failing_rank_stops_every_rank_and_the_run_resumes_exactly(tmp_path, reference):
+    full, _ = reference
+    ranks = _spawn(tmp_path, "split", {"nan": NAN_AT, "raise": RAISE_AT})
+    assert ranks[1]["outcome"] == {"error": "RuntimeError", "message": "planted failure at step 5"}
+    assert ranks[0]["outcome"]["error"] == "RankFailed"
+    assert "rank 1 failed: RuntimeError: planted failure at step 5" in ranks[0]["outcome"]["message"]
+    assert ranks[0]["params"] == ranks[1]["params"]
+    split = tmp_path / "split"
+    summary = json.loads((split / "summary.json").read_text())
+    assert summary["status"] == "failed: RuntimeError on rank 1" and summary["steps"] == 4
+    checkpoint = torch.load(split / "checkpoints" / "last.pt", weights_only=True)
+    assert checkpoint["progress"] == {"step": 4, "epoch": 1, "micro": 1}  # the failed step is not taken
+
+    resumed = _spawn(tmp_path, "split", {"nan": NAN_AT}, resume=True, max_steps=STEPS)
+    assert resumed[0]["outcome"] == {"status": "completed", "steps": STEPS}
+    assert _losses(split) == _losses(full)  # bit-identical to the uninterrupted run
+    full_params = torch.load(full / "checkpoints" / "last.pt", weights_only=True)["model"]
+    split_params = torch.load(split / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(full_params[k], split_params[k]) for k in full_params)
+
+
+def test_a_rank_that_cannot_start_stops_every_rank_before_anything_is_written(tmp_path):
+    ranks = _spawn(tmp_path, "never", {"config": {"1": {"data": [f"npz:{tmp_path}/missing"]}}})
+    assert ranks[1]["outcome"]["error"] == "MissingSourceError"
+    assert ranks[0]["outcome"]["error"] == "RankFailed"
+    assert ranks[0]["outcome"]["message"].startswith("rank 1 failed: MissingSourceError:")
+    assert not (tmp_path / "never").exists()
+
+
+def test_resume_under_another_world_size_is_refused_naming_both(reference, capsys):
+    run, _ = reference
+    before = (run / "config.yaml").read_text()
+    assert main(["--resume", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "world size 2" in err and "world size 1" in err and err.count("\n") == 1
+    assert (run / "config.yaml").read_text() == before
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    run = tmp_path / "run"
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in CONFIG.items() if k not in ("data", "epochs")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "pyfast.cli.train", "--data", CONFIG["data"][0], *args, "--epochs", "400", "--no-progress", "--out", str(run)]
+    tree = str(Path(pyfast.__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([tree, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    try:
+        deadline = time.time() + 120
+        while len(read_jsonl(run / "metrics.jsonl")) < 4:
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline
+            time.sleep(0.05)
+        workers = {int(p.environ()["RANK"]): p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "RANK" in p.environ()}
+        assert sorted(workers) == [0, 1]
+        workers[1].send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0  # torchrun reports the ranks' exit code 143 as a failure
+    assert err.count("exitcode  : 143") == 2, err  # both ranks stopped by the agreed SIGTERM
+    assert "stopped by SIGTERM; continue with: pyfast-train --resume" in err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted (SIGTERM)" and summary["world_size"] == 2
+    steps = summary["steps"]
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, steps + 1))
+    checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert checkpoint["progress"]["step"] == steps  # one checkpoint, at the step where every rank stopped
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers.values())
