@@ -87,15 +87,17 @@ def _train(args: argparse.Namespace, layers: list, world, started: float) -> int
             _fail(prefix + str(error), code)
         return code
 
+    def refuse(message: str) -> int:  # a mistake in the arguments, which every rank shares
+        return _fail(message) if world.is_main else 2
+
     try:
         if args.resume:
             out = layers[-1].get("out")
             run_dir = args.resume if isinstance(args.resume, str) else out
             if not run_dir:
-                return _fail("--resume needs a run directory: --resume RUN_DIR (or --out RUN_DIR --resume)") if world.is_main else 2
+                return refuse("--resume needs a run directory: --resume RUN_DIR (or --out RUN_DIR --resume)")
             if out is not None and isinstance(args.resume, str) and os.path.abspath(out) != os.path.abspath(args.resume):
-                message = f"--resume {args.resume} and --out {out} name different run directories"
-                return _fail(message) if world.is_main else 2
+                return refuse(f"--resume {args.resume} and --out {out} name different run directories")
             # rank 0 reads the checkpoint; every rank continues from that one copy
             config, checkpoint = world.on_main(lambda: plan_resume(run_dir, layers))
             run = prepare(config, resume=checkpoint, world=world)

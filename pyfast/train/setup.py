@@ -361,7 +361,7 @@ def prepare(
     rank (the others raise RankFailed naming it), before anything is written when it happens during
     the checks. `log` prints on rank 0 only.
     """
-    world = world if world is not None else World.from_env().start()
+    world = (world if world is not None else World.from_env()).start()  # a no-op once started
     try:
         return _prepare(config, resume, log, world)
     except BaseException as error:

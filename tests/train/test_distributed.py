@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 import pyfast
 from ddp_worker import free_port, run_rank
 from pyfast.cli.train import main
+from pyfast.train import DistributedError, World
 from pyfast.train.metrics import read_jsonl
 from pyfast.train.sharding import epoch_order, micro_slots, rank_batches, slot_weight
 
@@ -79,6 +80,25 @@ def test_sharding_meets_every_sample_once_with_the_same_steps_on_every_rank():
     order = epoch_order(list(range(20)), seed=1, epoch=2)
     assert rank_batches(order, 8) == [order[:8], order[8:16], order[16:]]
     assert epoch_order(list(range(20)), 1, 2) == order != epoch_order(list(range(20)), 1, 3)
+
+
+def test_the_world_comes_from_torchruns_environment(monkeypatch, tmp_path, capsys):
+    assert World.from_env({}) == World()  # a plain process: rank 0 of 1, no process group
+    one = World.from_env({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "TORCHELASTIC_RUN_ID": "x"})
+    assert one.size == 1 and one.launched and not one.start().started  # --nproc-per-node 1: still no group
+    two = World.from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    assert (two.rank, two.size, two.local_rank, two.is_main) == (1, 2, 1, False)
+    for env, words in [({"WORLD_SIZE": "2", "RANK": "0"}, "without LOCAL_RANK"),
+                       ({"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0"}, "RANK=2 is outside WORLD_SIZE=2"),
+                       ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer")]:
+        with pytest.raises(DistributedError, match=words):
+            World.from_env(env)
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert main(["--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "MASTER_ADDR" in err and "torchrun" in err and err.count("\n") == 1
 
 
 def test_two_ranks_train_one_run(reference):
