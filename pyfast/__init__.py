@@ -11,12 +11,14 @@ from pyfast.cache import (
     make_fingerprint,
     pack,
 )
+from pyfast.capture import ActivationDataset
 from pyfast.models.weights import LoadReport, WeightsError, load_weights
 from pyfast.ops import box_iou, box_loss, mask_iou, mask_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationDataset",
     "FeatureCache",
     "LoadReport",
     "Packed",

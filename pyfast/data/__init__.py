@@ -25,7 +25,7 @@ from .spec import (
     parse_data_spec,
 )
 from .synthetic import GENERATOR_VERSION, SyntheticSource
-from .transforms import Letterbox, LetterboxedSample, letterbox
+from .transforms import Letterbox, LetterboxedSample, images_to_device, letterbox
 
 __all__ = [
     "BadSample",
@@ -57,6 +57,7 @@ __all__ = [
     "data_specs_from_args",
     "format_source_table",
     "inspect_sample",
+    "images_to_device",
     "letterbox",
     "open_source",
     "parse_data_spec",

@@ -14,6 +14,14 @@ from .sample import Sample
 LETTERBOX_VERSION = 1
 
 
+def images_to_device(images: torch.Tensor, device) -> torch.Tensor:
+    """Letterboxed uint8 (B, 3, S, S) images as float in [0, 1] on `device`: the copy moves the
+    uint8 bytes (non-blocking from pinned memory) and the conversion runs where the backbone does.
+    Float images pass through as they are."""
+    images = images.to(device, non_blocking=True)
+    return images if images.is_floating_point() else images.float().div_(255.0)
+
+
 @dataclass
 class LetterboxedSample:
     """A Sample after letterboxing: torch tensors at a fixed size S.

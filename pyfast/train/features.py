@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from pyfast.cache import FeatureCache, Packed, TensorStats, make_fingerprint
-from pyfast.data import Batch
+from pyfast.data import Batch, images_to_device
 from pyfast.models import FeatureMap, feature_maps
 from pyfast.ops.pack import pack_buffers
 
@@ -135,7 +135,7 @@ class FeatureProvider:
     @torch.no_grad()
     def compute(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """The backbone's maps for uint8 (M, 3, S, S) images (any device), checked against the probed layout."""
-        x = images.to(self.device, non_blocking=True).float().div_(255.0)
+        x = images_to_device(images, self.device)
         with self.autocast():
             maps = feature_maps(self.backbone(x))
         shapes = {name: tuple(t.shape[1:]) for name, t in maps.items()}
