@@ -10,7 +10,8 @@ world size 1 saves by having no process group and no DDP wrapper.
    every process gets one torch thread (OMP_NUM_THREADS=1, which torchrun itself sets for several
    processes), so 2 ranks use two cores where 1 rank uses one: their ratio is the scale-out
    efficiency. A plain process with torch's default threads is listed for reference. With CUDA the
-   runs use the GPU (2 ranks only with 2 GPUs).
+   runs use the GPU (2 ranks only with 2 GPUs). Best of PYFAST_BENCH_DDP_REPEAT (2) runs each, the
+   configurations taking turns.
 2. Communication per step, 2 ranks (gloo on CPU, NCCL with 2 GPUs), on a real --fast batch: the
    gradient all-reduce as the step sees it (backward with DDP's all-reduce minus the same backward
    under `no_sync`), the raw all-reduce of the gradients' bytes, and the step's control all-reduce
@@ -35,7 +36,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TREE = os.path.dirname(HERE)
 SAMPLES = int(os.environ.get("PYFAST_BENCH_DDP_SAMPLES", "384"))
 EPOCHS = 3  # epoch 1 fills the cache; epochs 2-3 are the warm ones measured
-ROUNDS = int(os.environ.get("PYFAST_BENCH_DDP_ROUNDS", "60"))
+ROUNDS = int(os.environ.get("PYFAST_BENCH_DDP_ROUNDS", "60"))  # rounds of each micro-benchmark
+REPEAT = int(os.environ.get("PYFAST_BENCH_DDP_REPEAT", "2"))  # runs of each end-to-end configuration
 
 
 def _env(threads: int | None) -> dict:
@@ -81,12 +83,20 @@ def throughput(launch: str, ranks: int, threads: int | None, device: str) -> dic
 
 
 def throughput_rows() -> list[dict]:
+    """Each configuration REPEAT times, the configurations in turn; the best run of each is kept, so
+    that every configuration meets the machine's quieter moments alike."""
     cuda, gpus = _cuda()
     if cuda:
-        plans = [("plain", 1, None), ("torchrun", 1, None)] + ([("torchrun", 2, None)] if gpus >= 2 else [])
-        return [throughput(launch, ranks, threads, "cuda") for launch, ranks, threads in plans]
-    plans = [("plain", 1, None), ("plain", 1, 1), ("torchrun", 1, 1), ("torchrun", 2, 1)]
-    return [throughput(launch, ranks, threads, "cpu") for launch, ranks, threads in plans]
+        device, plans = "cuda", [("plain", 1, None), ("torchrun", 1, None)] + ([("torchrun", 2, None)] if gpus >= 2 else [])
+    else:
+        device, plans = "cpu", [("plain", 1, None), ("plain", 1, 1), ("torchrun", 1, 1), ("torchrun", 2, 1)]
+    best: dict = {}
+    for _round in range(REPEAT):
+        for plan in plans:
+            result = throughput(*plan, device)
+            if plan not in best or result["samples_per_s"] > best[plan]["samples_per_s"]:
+                best[plan] = result
+    return [best[plan] for plan in plans]
 
 
 # --------------------------------------------------------------------------------- communication
@@ -266,6 +276,7 @@ def test_ddp_throughput_and_communication():
 
 if __name__ == "__main__":
     outcome = run_all()
-    print(f"--fast, {SAMPLES} synthetic samples, {EPOCHS} epochs (warm: epochs 2-{EPOCHS}); medians of {ROUNDS} rounds")
+    print(f"--fast, {SAMPLES} synthetic samples, {EPOCHS} epochs (warm: epochs 2-{EPOCHS}), best of {REPEAT} runs; "
+          f"micro-benchmarks: medians of {ROUNDS} interleaved rounds")
     print(format_results(outcome))
     print(json.dumps(outcome))

@@ -1,7 +1,8 @@
 """One rank of a small distributed run, started by `torch.multiprocessing.spawn` from the tests.
 
-Each rank writes what it saw to RECORD_DIR/rank<R>.json: the global indices of every training batch
-it trained on (by epoch), how its run ended, and a digest of its parameters at the end.
+Each rank writes what it saw to RECORD_DIR/rank<R>.json: the global indices of the samples of every
+training step it took part in (by epoch; skipped samples included), how its run ended, and a
+digest of its parameters at the end.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ def run_rank(rank: int, size: int, port: int, config: dict, record_dir: str, fau
     real_step = loop.train_step
 
     def recording_step(run, batches, epoch, *args, **kwargs):
-        seen.append([epoch, [i for b in batches for i in b.indices.tolist()]])
+        good = [i for b in batches for i in b.indices.tolist()]
+        skipped = [record.index for b in batches for record in b.skipped]
+        seen.append([epoch, good, skipped])
         return real_step(run, batches, epoch, *args, **kwargs)
 
     loop.train_step = recording_step

@@ -2,7 +2,8 @@
 
 The runs use 38 samples (33 training, 5 validation) in batches of 8: slots of 16 samples, 3 steps
 an epoch, the last slot holding a single sample, so rank 0's part of it is empty (its step joins
-the gradient all-reduce with zeros) and rank 1's loss is weighted by 2 * 1/1.
+the gradient all-reduce with zeros) and rank 1's loss is weighted by 2 * 1/1. Three of the samples
+are unreadable npz files, met by either rank in any epoch: skipped, and counted once.
 
 The ranks are forked from the test process when it holds no CUDA context (a fresh interpreter
 spends seconds importing torch), spawned otherwise; the SIGTERM test runs the real torchrun.
@@ -29,22 +30,32 @@ from pyfast.train import DistributedError, World
 from pyfast.train.metrics import read_jsonl
 from pyfast.train.sharding import epoch_order, micro_slots, rank_batches, slot_weight
 
-SAMPLES = 38
+SAMPLES, BAD = 38, 3
 CONFIG = {
-    "data": [f"synthetic:,num_samples={SAMPLES},image_size=32"],
     "image_size": 32, "batch_size": 8, "roi_size": 4, "hidden": 8, "epochs": 3, "workers": 0, "device": "cpu",
+    "max_skip_fraction": 0.2,
 }  # fmt: skip
 STEPS = 9  # 3 epochs of 3 steps
 NAN_AT = [1, 2]  # rank 1's loss at step 2 is NaN: every rank must skip that step
 RAISE_AT = [1, 5]  # rank 1 raises while computing step 5
 
 
-def _spawn(tmp_path: Path, name: str, faults: dict, resume: bool = False, **more) -> dict:
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> list:
+    """The data specs: synthetic samples and BAD unreadable npz files."""
+    folder = tmp_path_factory.mktemp("npz")
+    for i in range(BAD):
+        (folder / f"bad{i}.npz").write_bytes(bytes(range(256)) * (i + 1))
+    return [f"synthetic:,num_samples={SAMPLES - BAD},image_size=32", f"npz:{folder}"]
+
+
+def _spawn(tmp_path: Path, name: str, data: list, faults: dict, resume: bool = False, fork: bool = True, **more) -> dict:
     """Two ranks of one run in RUN_DIR=tmp_path/name; returns each rank's record."""
     records = tmp_path / f"{name}-records-{'resume' if resume else 'start'}"
     records.mkdir()
-    config = {**CONFIG, "out": str(tmp_path / name), **more}
-    start = "fork" if "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized() else "spawn"
+    config = {**CONFIG, "data": data, "out": str(tmp_path / name), **more}
+    fork = fork and "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized()
+    start = "fork" if fork else "spawn"
     mp.start_processes(run_rank, args=(2, free_port(), config, str(records), faults, resume), nprocs=2, start_method=start)
     return {rank: json.loads((records / f"rank{rank}.json").read_text()) for rank in (0, 1)}
 
@@ -54,10 +65,10 @@ def _losses(run: Path):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, data):
     """An uninterrupted 2-rank run of STEPS steps, with a NaN planted on rank 1 at step 2."""
     tmp_path = tmp_path_factory.mktemp("ddp")
-    return tmp_path / "full", _spawn(tmp_path, "full", {"nan": NAN_AT})
+    return tmp_path / "full", _spawn(tmp_path, "full", data, {"nan": NAN_AT})
 
 
 def test_sharding_meets_every_sample_once_with_the_same_steps_on_every_rank():
@@ -107,18 +118,26 @@ def test_two_ranks_train_one_run(reference):
         assert ranks[rank]["outcome"] == {"status": "completed", "steps": STEPS}
     assert ranks[0]["params"] == ranks[1]["params"]  # the ranks never diverged, the skipped step included
     # each training sample met exactly once per epoch, across the ranks; rank 0's part of the last slot is empty
-    train_samples = SAMPLES - 5
+    epochs = []
     for epoch in range(3):
-        met = [i for rank in (0, 1) for e, indices in ranks[rank]["seen"] if e == epoch for i in indices]
-        assert len(met) == len(set(met)) == train_samples
-    assert [len(indices) for _, indices in ranks[0]["seen"]][:3] == [8, 8, 0]
-    assert [len(indices) for _, indices in ranks[1]["seen"]][:3] == [8, 8, 1]
+        met = [i for rank in (0, 1) for e, good, bad in ranks[rank]["seen"] if e == epoch for i in good + bad]
+        assert len(met) == len(set(met)) == SAMPLES - 5
+        epochs.append(set(met))
+    assert epochs[0] == epochs[1] == epochs[2]  # the whole training set, every epoch
+    assert [len(good + bad) for _, good, bad in ranks[0]["seen"]][:3] == [8, 8, 0]
+    assert [len(good + bad) for _, good, bad in ranks[1]["seen"]][:3] == [8, 8, 1]
+    # the unreadable files: met by both ranks over the epochs (and in validation), counted once, logged once
+    met_bad = {rank: {i for _, _, bad in ranks[rank]["seen"] for i in bad} for rank in (0, 1)}
+    assert met_bad[0] and met_bad[1]
+    logged = read_jsonl(run / "skipped.jsonl")
+    assert sorted(r["index"] for r in logged) == list(range(SAMPLES - BAD, SAMPLES))
 
     # one set of outputs, written by rank 0, with the totals of both ranks
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == STEPS and summary["steps_per_epoch"] == 3
-    assert summary["backbone_samples"] == SAMPLES  # one shared cache: every sample computed once, by one rank
-    assert summary["cache_hit_rate"] == 1.0 and summary["cache_lookups_warm"] == 2 * SAMPLES
+    assert summary["backbone_samples"] == SAMPLES - BAD  # one shared cache: every sample computed once, by one rank
+    assert summary["cache_hit_rate"] == 1.0 and summary["cache_lookups_warm"] == 2 * (SAMPLES - BAD)
+    assert summary["skipped_samples"] == BAD
     assert summary["nonfinite_steps"] == 1 and summary["val_ap_refined"] is not None
     records = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
@@ -132,9 +151,9 @@ def test_two_ranks_train_one_run(reference):
     assert checkpoint["world_size"] == 2 and checkpoint["progress"] == {"step": STEPS, "epoch": 3, "micro": 0}
 
 
-def test_a_failing_rank_stops_every_rank_and_the_run_resumes_exactly(tmp_path, reference):
+def test_a_failing_rank_stops_every_rank_and_the_run_resumes_exactly(tmp_path, reference, data):
     full, _ = reference
-    ranks = _spawn(tmp_path, "split", {"nan": NAN_AT, "raise": RAISE_AT})
+    ranks = _spawn(tmp_path, "split", data, {"nan": NAN_AT, "raise": RAISE_AT})
     assert ranks[1]["outcome"] == {"error": "RuntimeError", "message": "planted failure at step 5"}
     assert ranks[0]["outcome"]["error"] == "RankFailed"
     assert "rank 1 failed: RuntimeError: planted failure at step 5" in ranks[0]["outcome"]["message"]
@@ -145,16 +164,18 @@ def test_a_failing_rank_stops_every_rank_and_the_run_resumes_exactly(tmp_path, r
     checkpoint = torch.load(split / "checkpoints" / "last.pt", weights_only=True)
     assert checkpoint["progress"] == {"step": 4, "epoch": 1, "micro": 1}  # the failed step is not taken
 
-    resumed = _spawn(tmp_path, "split", {"nan": NAN_AT}, resume=True, max_steps=STEPS)
+    resumed = _spawn(tmp_path, "split", data, {"nan": NAN_AT}, resume=True, max_steps=STEPS)
     assert resumed[0]["outcome"] == {"status": "completed", "steps": STEPS}
     assert _losses(split) == _losses(full)  # bit-identical to the uninterrupted run
     full_params = torch.load(full / "checkpoints" / "last.pt", weights_only=True)["model"]
     split_params = torch.load(split / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(full_params[k], split_params[k]) for k in full_params)
+    assert read_jsonl(split / "skipped.jsonl") == read_jsonl(full / "skipped.jsonl")  # counted once across the resume
+    assert json.loads((split / "summary.json").read_text())["skipped_samples"] == BAD
 
 
-def test_a_rank_that_cannot_start_stops_every_rank_before_anything_is_written(tmp_path):
-    ranks = _spawn(tmp_path, "never", {"config": {"1": {"data": [f"npz:{tmp_path}/missing"]}}})
+def test_a_rank_that_cannot_start_stops_every_rank_before_anything_is_written(tmp_path, data):
+    ranks = _spawn(tmp_path, "never", data, {"config": {"1": {"data": [f"npz:{tmp_path}/missing"]}}})
     assert ranks[1]["outcome"]["error"] == "MissingSourceError"
     assert ranks[0]["outcome"]["error"] == "RankFailed"
     assert ranks[0]["outcome"]["message"].startswith("rank 1 failed: MissingSourceError:")
@@ -170,11 +191,12 @@ def test_resume_under_another_world_size_is_refused_naming_both(reference, capsy
     assert (run / "config.yaml").read_text() == before
 
 
-def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, data):
     run = tmp_path / "run"
-    args = [f"--{k.replace('_', '-')}={v}" for k, v in CONFIG.items() if k not in ("data", "epochs")]
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in CONFIG.items() if k != "epochs"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-           "pyfast.cli.train", "--data", CONFIG["data"][0], *args, "--epochs", "400", "--no-progress", "--out", str(run)]
+           "pyfast.cli.train", *[a for spec in data for a in ("--data", spec)], *args, "--epochs", "400",
+           "--no-progress", "--out", str(run)]
     tree = str(Path(pyfast.__file__).resolve().parents[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([tree, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
@@ -202,3 +224,17 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert checkpoint["progress"]["step"] == steps  # one checkpoint, at the step where every rank stopped
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers.values())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_two_ranks_on_two_gpus_with_nccl(tmp_path, data):
+    ranks = _spawn(tmp_path, "gpu", data, {}, fork=False, device="auto")  # a process that will use CUDA: spawned
+    for rank in (0, 1):
+        assert ranks[rank]["outcome"] == {"status": "completed", "steps": STEPS}
+    assert ranks[0]["params"] == ranks[1]["params"]
+    for epoch in range(3):
+        met = [i for rank in (0, 1) for e, good, bad in ranks[rank]["seen"] if e == epoch for i in good + bad]
+        assert len(met) == len(set(met)) == SAMPLES - 5
+    summary = json.loads((tmp_path / "gpu" / "summary.json").read_text())
+    assert summary["device"] == "cuda:0" and summary["world_size"] == 2 and summary["precision"] in ("bf16", "fp16")
+    assert summary["cache_hit_rate"] == 1.0 and summary["backbone_samples"] == SAMPLES - BAD
