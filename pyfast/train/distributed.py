@@ -173,7 +173,7 @@ class World:
             return
         self.timeout_s = float(timeout_s)
         if self.started:
-            self.group = self._call("creating the run's process group", dist.new_group,
+            self.group = self.collective("creating the run's process group", dist.new_group,
                                     timeout=timedelta(seconds=self.timeout_s))
 
     def close(self) -> None:
@@ -200,7 +200,10 @@ class World:
 
     # -------------------------------------------------------------------------------- collectives
 
-    def _call(self, what: str, fn: Callable, *args, **kwargs):
+    def collective(self, what: str, fn: Callable, *args, **kwargs):
+        """`fn(*args, **kwargs)`, which talks to the other ranks (DDP's synced backward included). Any
+        failure means the ranks no longer run the same collectives: the world is marked broken and
+        the error becomes a DistributedError saying which step of the protocol failed."""
         try:
             return fn(*args, **kwargs)
         except Exception as error:
@@ -213,7 +216,7 @@ class World:
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over the ranks, in place."""
         if self.size > 1:
-            self._call("an all-reduce", dist.all_reduce, tensor, group=self.group)
+            self.collective("an all-reduce", dist.all_reduce, tensor, group=self.group)
         return tensor
 
     def sum_and_read(self, summed: torch.Tensor, counts: list, local: Optional[torch.Tensor] = None):
@@ -237,7 +240,7 @@ class World:
         if self.size == 1:
             return [obj]
         out = [None] * self.size
-        self._call("gathering", dist.all_gather_object, out, obj, group=self.group)
+        self.collective("gathering", dist.all_gather_object, out, obj, group=self.group)
         return out
 
     def gather(self, obj) -> Optional[list]:
@@ -245,7 +248,7 @@ class World:
         if self.size == 1:
             return [obj]
         out = [None] * self.size if self.rank == 0 else None
-        self._call("gathering", dist.gather_object, obj, out, dst=0, group=self.group)
+        self.collective("gathering", dist.gather_object, obj, out, dst=0, group=self.group)
         return out
 
     def broadcast(self, obj):
@@ -253,7 +256,7 @@ class World:
         if self.size == 1:
             return obj
         box = [obj if self.rank == 0 else None]
-        self._call("a broadcast", dist.broadcast_object_list, box, src=0, group=self.group)
+        self.collective("a broadcast", dist.broadcast_object_list, box, src=0, group=self.group)
         return box[0]
 
     # ---------------------------------------------------------------------------------- agreement
@@ -269,6 +272,8 @@ class World:
         try:
             return fn(*args)
         except Exception as error:
+            if self.broken:  # a collective failed inside: there is no agreement left to wait for
+                raise
             self.pending = error
             return default
 
@@ -337,7 +342,7 @@ def wrap_model(model: nn.Module, world: World, device: torch.device) -> Optional
         return None
     params = inspect.signature(DistributedDataParallel.__init__).parameters
     quiet_buffers = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-    return world._call(
+    return world.collective(
         "wrapping the model in DistributedDataParallel", DistributedDataParallel, StepModule(model),
         device_ids=[device.index] if device.type == "cuda" else None, process_group=world.group, **quiet_buffers,
     )

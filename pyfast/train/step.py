@@ -125,7 +125,11 @@ def _forward_backward(run, batches: list[Batch], epoch: int, times: StepTimes, l
             if loss_hook is not None:
                 loss = loss_hook(run.progress.step + 1, loss)
             t2 = time.perf_counter()
-            run.scaler.scale((loss if weight == 1.0 else loss * weight) / micro_count).backward()
+            scaled = run.scaler.scale((loss if weight == 1.0 else loss * weight) / micro_count)
+            if syncs:
+                run.world.collective("the gradient all-reduce", scaled.backward)
+            else:
+                scaled.backward()
         local.synced = local.synced or syncs
         t3 = time.perf_counter()
         with torch.no_grad():
@@ -171,8 +175,8 @@ def train_step(
     computed = run.features.computed
     world.attempt(_forward_backward, run, batches, epoch, times, loss_hook, local)
     t0 = time.perf_counter()
-    if ddp is not None and not local.synced:
-        ddp(None).backward()  # nothing (more) to learn from here: join the gradient all-reduce with zeros
+    if ddp is not None and not local.synced:  # nothing (more) to learn from here: join the all-reduce with zeros
+        world.collective("the gradient all-reduce", lambda: ddp(None).backward())
     tally.backbone = run.features.computed - computed
     tally.failed = int(world.pending is not None)
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import socket
+import time
 
 import torch
 
@@ -22,8 +23,11 @@ def free_port() -> int:
 
 
 def _hook(faults: dict, rank: int):
-    """loss_hook from a picklable description: {"nan": (rank, step), "raise": (rank, step)}."""
+    """loss_hook from a picklable description: {"nan": [rank, step], "raise": [rank, step],
+    "stall": [rank, step, seconds]}."""
     def hook(step, loss):
+        if faults.get("stall", [None, None])[:2] == [rank, step]:
+            time.sleep(faults["stall"][2])  # a rank that stops answering for a while
         if faults.get("nan") == [rank, step]:
             return loss * float("nan")
         if faults.get("raise") == [rank, step]:

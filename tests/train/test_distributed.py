@@ -182,6 +182,18 @@ def test_a_rank_that_cannot_start_stops_every_rank_before_anything_is_written(tm
     assert not (tmp_path / "never").exists()
 
 
+def test_a_rank_that_stops_answering_fails_the_others_after_the_timeout(tmp_path, data):
+    ranks = _spawn(tmp_path, "stall", data, {"stall": [1, 3, 4]}, dist_timeout=1)
+    assert ranks[0]["outcome"]["error"] == "DistributedError"
+    assert "the gradient all-reduce failed" in ranks[0]["outcome"]["message"]
+    assert "--dist-timeout 1 s" in ranks[0]["outcome"]["message"]
+    assert ranks[1]["outcome"]["error"] == "DistributedError"  # it woke up to a closed connection
+    summary = json.loads((tmp_path / "stall" / "summary.json").read_text())
+    assert summary["status"] == "failed: DistributedError" and summary["steps"] == 2
+    checkpoint = torch.load(tmp_path / "stall" / "checkpoints" / "last.pt", weights_only=True)
+    assert checkpoint["progress"] == {"step": 2, "epoch": 0, "micro": 2}
+
+
 def test_resume_under_another_world_size_is_refused_naming_both(reference, capsys):
     run, _ = reference
     before = (run / "config.yaml").read_text()
