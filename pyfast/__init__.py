@@ -12,6 +12,7 @@ from pyfast.cache import (
     pack,
 )
 from pyfast.capture import ActivationDataset
+from pyfast.memory import MemoryMonitor
 from pyfast.models.weights import LoadReport, WeightsError, load_weights
 from pyfast.ops import box_iou, box_loss, mask_iou, mask_loss
 
@@ -21,6 +22,7 @@ __all__ = [
     "ActivationDataset",
     "FeatureCache",
     "LoadReport",
+    "MemoryMonitor",
     "Packed",
     "PackedFormatError",
     "WeightsError",

@@ -5,7 +5,8 @@ the sources without training and reports what would be skipped, and why, then wh
 wrong (findings). It takes pyfast-train's own data options (same flags, defaults, `--fast` preset and
 `--config` files), so with no `--data` it scans exactly what `pyfast-train` with the same options
 would train on. `pyfast-doctor checkpoint PATH [--model SPEC]` describes a weights file or reports
-how it loads into a model (`pyfast.models.weights_doctor`).
+how it loads into a model (`pyfast.models.weights_doctor`). `pyfast-doctor memory RUN_DIR` prints the
+memory verdict and the top growers of a run (`pyfast.memory.doctor`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pyfast.data import FindingsReport, MissingSourceError, RobustDataset, Skipp
 from pyfast.data.inspection import InspectingDataset, ScanTally, collect_verdicts
 from pyfast.data.skip import exceeds_bound
 from pyfast.models.weights_doctor import add_checkpoint_command, run_checkpoint
+from pyfast.memory.doctor import add_memory_command, run_memory_command
 from pyfast.train.config import ConfigError, build_config
 
 # pyfast-train's options that decide what data it trains on.
@@ -46,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--out", type=Path, default=None, metavar="DIR", help="write DIR/skipped.jsonl and DIR/findings.jsonl")
     data.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader workers for the scan (default 0)")
     add_checkpoint_command(commands)
+    add_memory_command(commands)
     return parser
 
 
@@ -129,6 +132,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run_data(args)
     if args.command == "checkpoint":
         return run_checkpoint(args)
+    if args.command == "memory":
+        return run_memory_command(args)
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse restricts the choices
 
 
