@@ -35,7 +35,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 TREE = os.path.dirname(HERE)
 SAMPLES = int(os.environ.get("PYFAST_BENCH_DDP_SAMPLES", "384"))
-EPOCHS = 3  # epoch 1 fills the cache; epochs 2-3 are the warm ones measured
+EPOCHS = 4  # epoch 1 fills the cache; epochs 2-4 are the warm ones measured
 ROUNDS = int(os.environ.get("PYFAST_BENCH_DDP_ROUNDS", "60"))  # rounds of each micro-benchmark
 REPEAT = int(os.environ.get("PYFAST_BENCH_DDP_REPEAT", "2"))  # runs of each end-to-end configuration
 

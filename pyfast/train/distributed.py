@@ -148,10 +148,13 @@ class World:
     # ------------------------------------------------------------------------------ process group
 
     def start(self, timeout_s: Optional[float] = None) -> "World":
-        """Join the process group (several ranks only; a no-op once started)."""
+        """Join the process group with `timeout_s` for its collectives (several ranks only; a no-op once
+        started: `set_timeout` changes it then)."""
+        if self.started:
+            return self
         if timeout_s is not None:
             self.timeout_s = float(timeout_s)
-        if self.size == 1 or self.started:
+        if self.size == 1:
             return self
         missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
         if missing:
