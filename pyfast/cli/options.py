@@ -32,7 +32,7 @@ def _default_text(name: str) -> str:
 
 def fast_help() -> str:
     settings = ", ".join(f"{flag(k)} {v}" for k, v in FAST.items() if k != "fast")
-    return f"the quick preset (about half a minute on 2 CPU cores): {settings}; flags given with it still win"
+    return f"the quick preset: {settings}; flags given with it still win"
 
 
 def _data_spec(text: str) -> str:

@@ -2,9 +2,9 @@
 
 Argument parsing and printing only; the work is `pyfast.train.prepare` and `pyfast.train.train`.
 Settings layer as defaults < --fast < --config FILE.yaml < flags; `--resume` starts from the
-run's checkpoint and accepts only the changes that keep its continuation exact. Every mistake is
-one line on stderr (`pyfast-train: error: ...`): exit 2 before training starts, 1 when training
-fails, 130 for Ctrl-C, 128 + N when signal N stopped the run (it resumes).
+run's checkpoint and accepts only the changes that keep its continuation exact. A mistake is one
+line on stderr (`pyfast-train: error: ...`): exit 2 before training starts, 1 when training fails
+or diverges, 130 for Ctrl-C, 128 + N when signal N stopped the run (it resumes).
 
 Under torchrun (`torchrun --nproc-per-node N $(which pyfast-train) ...`) every process runs this
 with the same arguments; rank 0 prints the table and the errors every rank shares, another rank
@@ -24,6 +24,8 @@ PROG = "pyfast-train"
 
 def build_parser() -> argparse.ArgumentParser:
     from pyfast.cli.options import add_config_flags
+    from pyfast.train.config import flag_name
+    from pyfast.train.setup import RESUME_RESCHEDULES, RESUME_SAFE
 
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -31,10 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
         "With no arguments: the embedded synthetic data set and a small seeded backbone.",
         epilog="Every option is also a key of --config files and of a run's config.yaml.",
     )
+    allowed = [flag_name(n) for n in RESUME_SAFE + RESUME_RESCHEDULES if n not in ("out", "fast")]
     parser.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
                         help="continue a run from its last checkpoint (RUN_DIR, or the --out folder); only "
-                        "--max-steps, --epochs, --workers, --checkpoint-every, --device, --cache-dir, "
-                        "--max-nonfinite-in-a-row and --max-skip-fraction may change")
+                        f"{', '.join(allowed[:-1])} and {allowed[-1]} may change")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_flags(parser)
     return parser
@@ -47,8 +49,13 @@ def _fail(message: str, code: int = 2) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
-    args = build_parser().parse_args(argv)
-    return _main(args, started)
+    args = None
+    try:
+        args = build_parser().parse_args(argv)
+        return _main(args, started)
+    except KeyboardInterrupt:  # while the run is being built: training handles its own Ctrl-C
+        left = "the run is as it was" if args is not None and args.resume else "nothing was written"
+        return _fail(f"interrupted before training started; {left}", 130)
 
 
 def _main(args: argparse.Namespace, started: float) -> int:
@@ -80,6 +87,7 @@ def _train(args: argparse.Namespace, layers: list, world, started: float) -> int
     )  # fmt: skip
     from pyfast.train.distributed import DistributedError, agreed
     from pyfast.train.loop import exit_code
+    from pyfast.train.setup import DataError
 
     def fail(error: BaseException, code: int) -> int:
         if world.is_main or not agreed(error):  # rank 0 speaks for every rank; others only of what it cannot know
@@ -103,8 +111,8 @@ def _train(args: argparse.Namespace, layers: list, world, started: float) -> int
             run = prepare(config, resume=checkpoint, world=world)
         else:
             run = prepare(build_config(*layers), world=world)
-    except (ConfigError, RunDirError, MissingSourceError, BackboneError, CheckpointError, FeatureError, FileNotFoundError,
-            ValueError, RankFailed, DistributedError) as error:
+    except (ConfigError, RunDirError, DataError, MissingSourceError, BackboneError, CheckpointError, FeatureError,
+            RankFailed, DistributedError) as error:
         return fail(error, 2)
 
     try:
@@ -117,8 +125,11 @@ def _train(args: argparse.Namespace, layers: list, world, started: float) -> int
             print(format_table(_read_summary(run)))
         return fail(error, 1)
     if not world.is_main:
-        return exit_code(summary)
+        return 1 if summary["status"] == "diverged" else exit_code(summary)
     print(format_table(summary))
+    if summary["status"] == "diverged":
+        return _fail(f"the model diverged: {summary['val_nonfinite_boxes']} validation boxes are non-finite "
+                     f"({summary['nonfinite_steps']} of {summary['steps']} steps were skipped); try a lower --lr", 1)
     code = exit_code(summary)
     if code:
         print(f"{PROG}: stopped by {summary['stopped_by']}; continue with: {PROG} --resume {run.paths.path}", file=sys.stderr)

@@ -70,11 +70,11 @@ def _shape_mask(
         count = int(rng.integers(5, 9))
         angles = np.sort(rng.uniform(0.0, 2.0 * np.pi, count))
         radii = rng.uniform(0.6, 1.0, count)
-        points = [(cx + rx * r * np.cos(a), cy + ry * r * np.sin(a)) for a, r in zip(angles, radii)]
-        draw.polygon(points, fill=1)
+        xs, ys = cx + rx * radii * np.cos(angles), cy + ry * radii * np.sin(angles)
+        draw.polygon(list(zip(xs.tolist(), ys.tolist())), fill=1)
     else:  # pragma: no cover - SHAPE_KINDS is closed
         raise ValueError(f"unknown shape kind {kind!r}")
-    return np.asarray(canvas, dtype=np.uint8) != 0, top, left
+    return np.frombuffer(canvas.tobytes(), dtype=np.uint8).reshape(bottom - top, right - left) != 0, top, left
 
 
 def _box_iou(a, b) -> float:

@@ -10,7 +10,9 @@ with the same message wherever it comes from. Settings layer as defaults < `--fa
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Optional
@@ -24,6 +26,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BOX_LOSS_MODES = ("iou", "giou", "diou", "ciou")
 CACHE_DTYPES = ("fp16", "bf16")
 DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 class ConfigError(ValueError):
@@ -241,6 +244,8 @@ def coerce(name: str, value: Any, label: str | None = None) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail("a number" + (f" {bounds}" if bounds else ""))
         value = float(value)
+        if not math.isfinite(value):
+            fail("a finite number" + (f" {bounds}" if bounds else ""))
         number = value
     elif base is str:
         if not isinstance(value, str) or not value:
@@ -263,6 +268,8 @@ def coerce(name: str, value: Any, label: str | None = None) -> Any:
             fail(("an integer " if base is int else "a number ") + bounds)
     if opt.choices is not None and value not in opt.choices:
         fail(f"one of {', '.join(map(str, opt.choices))}")
+    if name == "device" and not _DEVICE.match(value):
+        fail(DEVICE_FORMS)
     return value
 
 
@@ -280,6 +287,12 @@ def load_yaml(path: str | os.PathLike) -> dict:
             values = yaml.safe_load(handle)
     except FileNotFoundError:
         raise ConfigError(f"{where} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{where} is a folder, not a YAML file") from None
+    except OSError as error:
+        raise ConfigError(f"{where} cannot be read: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{where} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start})") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{where} is not valid YAML: {error}".replace("\n", " ")) from None
     if values is None:

@@ -119,16 +119,25 @@ class FeatureProvider:
         self.backbone = backbone
         self.layout = dict(layout)
         self.use = list(use)
-        self.cache = cache
         self.device = torch.device(device)
         self.autocast = autocast or contextlib.nullcontext
-        # The cache decides how features are stored; without one, the same rounding keeps runs comparable.
-        self.store_dtype = cache.dtype if cache is not None else store_dtype
+        self.store_dtype = store_dtype  # without a cache, the same rounding keeps runs comparable
+        self.cache = cache
         self.names = list(self.layout)
         self.numels = [math.prod(m.shape) for m in self.layout.values()]
         self.offsets = [sum(self.numels[:i]) for i in range(len(self.numels))]
         self.per_sample = sum(self.numels)
         self.computed = 0  # samples that went through the backbone
+
+    @property
+    def cache(self) -> FeatureCache | None:
+        return self._cache
+
+    @cache.setter
+    def cache(self, cache: FeatureCache | None) -> None:
+        self._cache = cache
+        if cache is not None:
+            self.store_dtype = cache.dtype  # the cache decides how features are stored
 
     # ---- fresh features
 

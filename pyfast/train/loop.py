@@ -50,6 +50,8 @@ def train(run, *, loss_hook: LossHook = None, progress_bar: Optional[bool] = Non
             world.agree()  # a failure kept after the last step (rank 0's last writes)
             if stop.signal:
                 status = f"interrupted ({stop.name})"
+            elif run.stats.last_val.get("val_nonfinite_boxes"):
+                status = "diverged"
         except BaseException as exc:  # diverged, too many bad samples, Ctrl-C twice: save what we have
             status, error = _failed(exc), exc
             if world.size > 1 and not agreed(exc):  # raised on this rank alone: others may wait in a collective
@@ -147,7 +149,9 @@ def fit(run, metrics: MetricsLog, stop: GracefulStop, clock: Clock, loss_hook: L
             bar.update(1)
             bar.set_postfix({"s/batch": f"{seconds / count:.3f}", "loss": f"{result.loss:.4f}"}, refresh=False)
             if not result.applied:
-                run.log(f"step {progress.step}: non-finite loss or gradient, step skipped")
+                # every rank skips this step (`applied` was agreed), so every rank can name its samples
+                samples = "; ".join(s for s in run.world.all_gather(result.samples) if s)
+                run.log(f"step {progress.step}: non-finite loss or gradient, step skipped; its samples: {samples}")
             with everywhere():  # the same decision on every rank: `applied` was agreed
                 run.guard.update(result.applied, progress.step)
             if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0:
@@ -165,14 +169,14 @@ def fit(run, metrics: MetricsLog, stop: GracefulStop, clock: Clock, loss_hook: L
 
 def validate_and_record(run, clock: Clock) -> dict:
     """Validate (every rank, each its share), append to val.jsonl, keep the best checkpoint (by the
-    refined boxes' IoU, which every rank knows)."""
+    refined boxes' IoU, which every rank knows; never a model whose boxes went non-finite)."""
     result = validate(run)
     record = {"step": run.progress.step, "epoch": run.progress.epoch, **result}
     run.stats.last_val = record
     if run.world.is_main:
         run.world.attempt(_append_validation, run, record)
     best = run.stats.best_val_iou
-    if best is None or result["val_iou_refined"] > best:
+    if not result["val_nonfinite_boxes"] and (best is None or result["val_iou_refined"] > best):
         run.stats.best_val_iou = result["val_iou_refined"]
         run.world.attempt(clock.save, "best")
     return record

@@ -7,19 +7,20 @@
     RUN_DIR/checkpoints/best.pt    the same, at the best validation IoU of the refined boxes
     RUN_DIR/summary.json, plots/, skipped.jsonl, cache/ (the default feature cache), tensorboard/
 
-The directory is created only once every input of the run has been checked (`pyfast.train.setup`):
-a start that fails leaves nothing behind.
+The directory is created only once every input of the run has been checked (`pyfast.train.setup`),
+`check_writable` included: a start that fails leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 
 class RunDirError(ValueError):
-    """A run directory that cannot be used."""
+    """A run directory that cannot be used: not writable, or already holding another run."""
 
 
 @dataclass(frozen=True)
@@ -81,3 +82,29 @@ def default_run_dir() -> Path:
     while RunDir(path).holds_run():  # two runs started in the same second
         path, n = base.with_name(f"{base.name}-{n}"), n + 1
     return path
+
+
+def check_writable(path, what: str) -> None:
+    """Raises RunDirError unless `path` is a writable folder or can be created as one.
+
+    Checks the path itself when it exists, else its nearest existing ancestor; nothing is created.
+    (Permission bits do not stop root; a read-only file system or a file in the way do.)
+    """
+    path = Path(os.path.abspath(path))
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is" if probe == path else f"lies under {probe}, which is"
+        raise RunDirError(f"{what} {os.fspath(path)!r} {where} not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise RunDirError(f"{what} {os.fspath(path)!r} is not writable ({probe} is read-only for this user or file system)")
+
+
+def check_files_writable(paths, what: str) -> None:
+    """Raises RunDirError if any existing file in `paths` cannot be written (a resumed run appends to its logs)."""
+    for path in paths:
+        if Path(path).exists() and not os.access(path, os.W_OK):
+            raise RunDirError(f"{what}: {os.fspath(path)!r} is not writable")

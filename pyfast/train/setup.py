@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -32,18 +33,23 @@ from pyfast.cache import FeatureCache
 from pyfast.data import Letterbox, RobustDataset, SkippedSample, SkipTracker, TooManyBadSamples, build_sources, collate
 from pyfast.models import BackboneError, FeatureMap, Refiner, load_backbone, probe
 from pyfast.train.checkpoint import CheckpointError, load_checkpoint, load_state_dict_checked, save_checkpoint
-from pyfast.train.config import ConfigError, TrainConfig, build_config, save_config
+from pyfast.train.config import FIELDS, ConfigError, TrainConfig, build_config, flag_name, save_config
 from pyfast.train.distributed import World, agreed, wrap_model
 from pyfast.train.features import STORE_DTYPES, CachedFeatures, FeatureProvider, feature_fingerprint
 from pyfast.train.guards import NonFiniteGuard
 from pyfast.train.metrics import read_jsonl, truncate_after
 from pyfast.train.objective import LossWeights
-from pyfast.train.rundir import RunDir, RunDirError, default_run_dir
+from pyfast.train.rundir import RunDir, RunDirError, check_files_writable, check_writable, default_run_dir
 from pyfast.train.sharding import epoch_order, micro_slots, rank_batches, rank_share, slot_weight
 from pyfast.train.state import Progress, RngState, RunStats
 
 SPLIT_SEED = 20261123  # the train/val split does not move with --seed: runs compare on one val set
 CHECKPOINT_FORMAT = "pyfast.train/2"
+# Settings a resumed run may change without breaking its exact continuation.
+RESUME_SAFE = ("max_steps", "workers", "checkpoint_every", "max_nonfinite_in_a_row", "max_skip_fraction",
+               "cache_dir", "out", "device", "fast", "dist_timeout")
+# Allowed, but it changes the schedule from the resume point on (the log says how).
+RESUME_RESCHEDULES = ("epochs",)
 
 
 # ---------------------------------------------------------------------------------------- devices
@@ -55,10 +61,7 @@ def resolve_device(name: str, world: Optional[World] = None) -> torch.device:
     world = world or World()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ConfigError(f"--device {name!r}: {error}") from None
+    device = torch.device(name)  # its form was checked with the config
     if device.type == "cuda" and world.size > 1:
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {name}: CUDA is not available on this machine")
@@ -93,6 +96,14 @@ def describe_backend(device: torch.device) -> str:
     if _native.native_available(device.type):
         return f"native {device.type}"
     return f"reference (no native {device.type} kernels in this build)"
+
+
+def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """A zero-argument callable returning the autocast context of `precision` (none for fp32)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
 
 
 def lr_lambda(warmup: int, total: int, floor: float = 0.05) -> Callable[[int], float]:
@@ -142,6 +153,9 @@ class TrainData:
         # so the first epoch fills the feature cache completely
         return micro_slots(len(self.train_indices), self.batch_size, self.world_size)
 
+    def steps_per_epoch(self, accumulate: int) -> int:
+        return math.ceil(self.micro_per_epoch / accumulate)
+
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This rank's batch of each micro-batch slot of `epoch` (possibly empty in the last slot)."""
         order = epoch_order(self.train_indices, self.seed, epoch)
@@ -167,9 +181,23 @@ class TrainData:
         return {"samples": len(self.dataset), "train": len(self.train_indices), "val": len(self.val_indices)}
 
 
+class DataError(ValueError):
+    """The data sources could not be opened; the message is the data layer's, `__cause__` its exception."""
+
+
 def build_data(cfg: TrainConfig, device: torch.device, log: Callable[[str], None], world: Optional[World] = None) -> TrainData:
-    """Open the sources (errors of the data layer propagate unchanged), letterbox, split."""
-    sources = build_sources(cfg.data_specs(), log=log)
+    """Open the sources, letterbox, split. Whatever the data layer raises while opening them
+    becomes a DataError carrying its message on one line (its class named when it is neither an
+    OSError nor a ValueError, whose messages are written for users)."""
+    try:
+        sources = build_sources(cfg.data_specs(), log=log)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        if not isinstance(error, (OSError, ValueError)):
+            message = f"{type(error).__name__}: {message}"
+        raise DataError(message) from error
     dataset = RobustDataset(sources, preprocess=Letterbox(cfg.image_size))
     n = len(dataset)
     if n == 0:
@@ -260,6 +288,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    autocast: Callable[[], contextlib.AbstractContextManager]  # the precision's autocast context, per use
     weights: LossWeights
     guard: NonFiniteGuard
     skips: SkipTracker
@@ -275,15 +304,7 @@ class Run:
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.data.micro_per_epoch / self.cfg.accumulate)
-
-    @property
-    def total_steps(self) -> int:
-        return self.steps_per_epoch * self.cfg.epochs
-
-    def autocast(self):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        return contextlib.nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
+        return self.data.steps_per_epoch(self.cfg.accumulate)
 
     def stateful(self) -> dict:
         """Every object whose state a checkpoint holds, by checkpoint key: the one list that both
@@ -326,8 +347,13 @@ class Run:
 
 
 def plan_resume(run_dir, layers: list[dict], log: Callable[[str], None] = print) -> tuple[TrainConfig, dict]:
-    """The configuration and the checkpoint of a run to continue: the checkpoint's own config
-    updated by `layers` (--fast, --config, flags). Nothing is written."""
+    """The configuration and the checkpoint of a run to continue.
+
+    The checkpoint's own config is the base (config.yaml is for reading); `layers` (--fast,
+    --config, flags) may only change what keeps the continuation exact (RESUME_SAFE) or `epochs`
+    (the log says how the schedule changes); anything else raises ConfigError naming the settings.
+    Nothing is written.
+    """
     paths = RunDir(Path(run_dir))
     if not paths.last.exists():
         missing = "config.yaml and checkpoints/last.pt are" if not paths.config.exists() else "checkpoints/last.pt is"
@@ -336,10 +362,25 @@ def plan_resume(run_dir, layers: list[dict], log: Callable[[str], None] = print)
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {paths.last} has format {checkpoint.get('format')!r}, this pyfast resumes "
                               f"{CHECKPOINT_FORMAT!r}; start a new run")
+    saved = checkpoint["config"]
     try:
-        merged = build_config(checkpoint["config"], *layers, {"out": str(run_dir)})
+        merged = build_config(saved, *layers, {"out": str(run_dir)})
     except ConfigError as error:
         raise CheckpointError(f"checkpoint {paths.last}: {error}") from None
+    changed = {name: (saved.get(name), getattr(merged, name)) for name in FIELDS if saved.get(name) != getattr(merged, name)}
+    refused = [name for name in changed if name not in RESUME_SAFE + RESUME_RESCHEDULES]
+    if refused:
+        listed = "; ".join(f"{flag_name(n)} {changed[n][0]!r} -> {changed[n][1]!r}" for n in refused)
+        allowed = ", ".join(flag_name(n) for n in RESUME_SAFE + RESUME_RESCHEDULES if n not in ("out", "fast"))
+        raise ConfigError(
+            f"--resume {run_dir}: changing {listed} would not continue the run exactly; on resume only "
+            f"{allowed} may change (start a new run with another --out to use other settings)"
+        )
+    if "epochs" in changed:
+        old, new = changed["epochs"]
+        log(f"--epochs {old} -> {new}: the learning-rate schedule now spans {new} epochs from step "
+            f"{checkpoint['progress']['step']} on (steps taken keep their rates), so the result differs "
+            f"from a run started with --epochs {new}")
     return merged, checkpoint
 
 
@@ -389,9 +430,19 @@ def _prepare(config: TrainConfig, resume: Optional[dict], log: Callable[[str], N
             f"it, so resume with {before} process{'es' if before > 1 else ''} in all (torchrun --nnodes x "
             f"--nproc-per-node), or start a new run with another --out"
         )
+    if world.is_main:  # the run directory is rank 0's alone (on other machines it may not even exist)
+        if resume is None and paths.holds_run():
+            raise RunDirError(
+                f"--out {paths.path} already holds a run; continue it with `pyfast-train --resume {paths.path}` "
+                "or pick another --out (delete the folder to start over there)"
+            )
+        check_writable(paths.path, "--out" if resume is None else "--resume")
+        if resume is not None:
+            check_files_writable([paths.config, paths.metrics, paths.val, paths.skipped, paths.last], "--resume")
     cache_root = None
     if cfg.cache_dir is None or cfg.cache_dir.lower() != "off":
         cache_root = Path(cfg.cache_dir) if cfg.cache_dir else paths.cache
+        check_writable(cache_root, "--cache-dir")  # every rank writes its share of the cache
 
     device = resolve_device(cfg.device, world)
     precision = resolve_precision(cfg.precision, device)
@@ -410,39 +461,49 @@ def _prepare(config: TrainConfig, resume: Optional[dict], log: Callable[[str], N
     data = build_data(cfg, device, log, world)
     backbone, layout, use = build_backbone(cfg, device)
     model = build_model(cfg, layout, use, device)
-    run = Run(
-        cfg=cfg, paths=paths, device=device, precision=precision, backend=backend, world=world, data=data,
-        features=None, model=model, optimizer=None, scheduler=None, scaler=None,
-        weights=LossWeights(cfg.box_weight, cfg.mask_weight, cfg.iou_weight, cfg.box_loss),
-        guard=NonFiniteGuard(cfg.max_nonfinite_in_a_row), skips=None, progress=Progress(), stats=RunStats(),
-        rng=RngState(), log=log,
-    )
-    run.optimizer, run.scheduler, run.scaler = build_optimizer(cfg, model, run.total_steps, device, precision)
-    # Every rank counts skipped samples (the records of all ranks are merged at each step); rank 0 logs them.
-    skips = SkipTracker(len(data.dataset), max_fraction=cfg.max_skip_fraction,
-                        log_path=paths.skipped if world.is_main else None, resume=resume is not None)
-    run.skips = skips
+    optimizer, scheduler, scaler = build_optimizer(cfg, model, data.steps_per_epoch(cfg.accumulate) * cfg.epochs,
+                                                   device, precision)
     store_dtype = STORE_DTYPES[cfg.cache_dtype]
     fingerprint = feature_fingerprint(backbone, data.dataset.preprocess.fingerprint(), cfg.image_size, precision, store_dtype)
+    autocast = autocast_for(device, precision)
+    run = Run(
+        cfg=cfg, paths=paths, device=device, precision=precision, backend=backend, world=world, data=data,
+        # the cache is attached once it exists, after every check
+        features=FeatureProvider(backbone, layout, use, None, device, autocast, store_dtype),
+        model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, autocast=autocast,
+        weights=LossWeights(cfg.box_weight, cfg.mask_weight, cfg.iou_weight, cfg.box_loss),
+        guard=NonFiniteGuard(cfg.max_nonfinite_in_a_row),
+        # Every rank counts skipped samples (the records of all ranks are merged at each step); rank 0 logs them.
+        skips=SkipTracker(len(data.dataset), max_fraction=cfg.max_skip_fraction,
+                          log_path=paths.skipped if world.is_main else None, resume=resume is not None),
+        progress=Progress(), stats=RunStats(), rng=RngState(), log=log,
+    )
 
     if resume is not None:
+        if resume["data"] != data.identity():
+            raise ConfigError(f"--resume {paths.path}: the data set changed since the checkpoint "
+                              f"({resume['data']} then, {data.identity()} now); resuming would not continue the run")
         run.restore(resume)
+        if resume["device"] != str(device):
+            log(f"note: the run continues on {device} after {resume['device']}: its numbers will not be bit-identical "
+                "to an uninterrupted run")
 
     # ---- everything checked, on every rank: rank 0 creates and writes, then the others open the cache
     world.agree()
-    cache = None
-    if world.is_main:
-        paths.path.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, paths.config)
-        cache = FeatureCache(cache_root, fingerprint, dtype=store_dtype) if cache_root is not None else None
-        if resume is not None:
-            truncate_after(paths.metrics, run.progress.step)
-            truncate_after(paths.val, run.progress.step)
-    world.agree()
-    if not world.is_main and cache_root is not None:
-        cache = FeatureCache(cache_root, fingerprint, dtype=store_dtype)  # the same folder: one cache for all ranks
-    world.agree()
-    run.features = FeatureProvider(backbone, layout, use, cache, device, run.autocast, store_dtype)
+    created = world.is_main and not paths.path.exists()
+    try:
+        cache = world.attempt(_create_run_dir, cfg, paths, cache_root, fingerprint, store_dtype, resume is not None,
+                              run.progress.step) if world.is_main else None
+        world.agree()
+        if not world.is_main and cache_root is not None:
+            # the same folder: one cache for all ranks
+            cache = world.attempt(lambda: FeatureCache(cache_root, fingerprint, dtype=store_dtype))
+        world.agree()
+    except BaseException:  # this rank or another failed, or Ctrl-C: a start that fails leaves nothing behind
+        if created:
+            shutil.rmtree(paths.path, ignore_errors=True)
+        raise
+    run.features.cache = cache
     if cache is not None:
         data.dataset.features = CachedFeatures(cache, layout, use)
     run.ddp = wrap_model(model, world, device)
@@ -452,6 +513,22 @@ def _prepare(config: TrainConfig, resume: Optional[dict], log: Callable[[str], N
         p = run.progress
         log(f"resumed {paths.path} at step {p.step} (epoch {p.epoch + 1}, batch {p.micro})")
     return run
+
+
+def _create_run_dir(cfg: TrainConfig, paths: RunDir, cache_root: Optional[Path], fingerprint: str, store_dtype,
+                    resuming: bool, step: int) -> Optional[FeatureCache]:
+    """Rank 0's writes once every check passed: the run directory, config.yaml, the feature cache (its
+    folder), and, on a resume, metrics and validation records cut back to the checkpoint's step."""
+    try:
+        paths.path.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, paths.config)
+        cache = FeatureCache(cache_root, fingerprint, dtype=store_dtype) if cache_root is not None else None
+        if resuming:
+            truncate_after(paths.metrics, step)
+            truncate_after(paths.val, step)
+    except OSError as error:  # the checks passed, yet the file system said no
+        raise RunDirError(f"cannot write the run directory {paths.path}: {error.strerror or error}") from None
+    return cache
 
 
 def share_skipped(skips: SkipTracker, path: Path, world: World) -> None:

@@ -33,11 +33,13 @@ def summarize(run, status: str) -> dict:
         "cache_hit_rate": warm_cache.hit_rate,
         "cache_lookups_warm": warm_cache.lookups,
         "backbone_samples": stats.backbone_samples,
+        "cache_corrupt": stats.corrupt,
         "val_iou_input": last.get("val_iou_input"),
         "val_iou_refined": last.get("val_iou_refined"),
         "val_mask_iou": last.get("val_mask_iou"),
         "val_ap_input": last.get("val_ap_input"),
         "val_ap_refined": last.get("val_ap_refined"),
+        "val_nonfinite_boxes": last.get("val_nonfinite_boxes"),
         "best_val_iou_refined": stats.best_val_iou,
         "nonfinite_steps": run.guard.total,
         "scaler_skipped_steps": stats.scaler_skips,
@@ -64,8 +66,13 @@ def _fmt(value, spec: str = ".3f") -> str:
 
 
 def format_table(summary: dict) -> str:
+    segments = summary.get("wall_segments_s") or []
     wall = f"{_fmt(summary.get('wall_s'), '.1f')} s"
+    if len(segments) > 1:
+        wall += f" (whole run: {len(segments)} segments, " + " + ".join(f"{s:.1f}" for s in segments) + ")"
     refined = _fmt(summary.get("val_iou_refined"))
+    if summary.get("val_nonfinite_boxes"):
+        refined += f" ({summary['val_nonfinite_boxes']} non-finite boxes: diverged)"
     hit_rate = _fmt(summary.get("cache_hit_rate")) if summary.get("cache", True) else "off"
     rows = [
         ("status", summary.get("status")),
@@ -76,6 +83,7 @@ def format_table(summary: dict) -> str:
         ("s/batch warm (later)", _fmt(summary.get("s_per_batch_warm"))),
         ("samples/s warm, all ranks", _fmt(summary.get("samples_per_s_warm"), ".1f")),
         ("cache hit rate (after epoch 1)", hit_rate),
+        ("cache entries found corrupt", summary.get("cache_corrupt")),
         ("val IoU input boxes", _fmt(summary.get("val_iou_input"))),
         ("val IoU refined boxes", refined),
         ("val mask IoU", _fmt(summary.get("val_mask_iou"))),

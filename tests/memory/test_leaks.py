@@ -113,7 +113,8 @@ def test_figures_never_closed():
         top = verdict["growers"]["held_by"][0]
         assert top["holder"] == "matplotlib._pylab_helpers.Gcf.figs"
         first, last = verdict["growers"]["steps"]
-        assert top["len_delta"] == last - first == 5  # one figure per step of the search
+        # One figure per step of the search; a forked census may land before the last step's figure.
+        assert last - first == 5 and 4 <= top["len_delta"] <= 5
         managers = top["new"]["matplotlib.backend_bases.FigureManagerBase"]
         figures = next(kind["count"] for kind in top["retains"] if kind["type"] == "matplotlib.figure.Figure")
         assert 4 <= figures == managers <= 5

@@ -76,3 +76,20 @@ def test_load_reports_mismatch_and_refuses_too_little():
     assert "shape mismatch" in messages[0] and "unexpected" in messages[0]
     with pytest.raises(CheckpointError, match="matches too little"):
         load_state_dict_checked(dst, {"nothing": torch.zeros(1)}, log=None)
+
+
+def test_checksum_covers_tensors_and_plain_values(tmp_path):
+    path = tmp_path / "c.pt"
+    payload = {"step": 7, "lr": 0.125, "w": torch.arange(6.0), "nested": {"k": [1, 2.5, "x", None]}}
+    save_checkpoint(path, payload)
+    loaded = load_checkpoint(path)
+    assert "checksum" not in loaded and loaded["step"] == 7 and torch.equal(loaded["w"], payload["w"])
+    raw = torch.load(path, weights_only=True)  # a plain torch.save file; the checksum is one more key
+    assert raw["checksum"].startswith("xxh3_64:")
+    for key, value in (("step", 8), ("lr", 0.126), ("w", torch.arange(6.0) + 1), ("nested", {"k": [1, 2.5, "y", None]})):
+        torch.save({**raw, key: value}, path)  # the content changed, the stored checksum did not
+        with pytest.raises(CheckpointError, match=f"{path}.*damaged"):
+            load_checkpoint(path)
+    torch.save({"step": 1}, path)
+    with pytest.raises(CheckpointError, match="no checksum"):
+        load_checkpoint(path)

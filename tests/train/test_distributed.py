@@ -5,8 +5,9 @@ an epoch, the last slot holding a single sample, so rank 0's part of it is empty
 the gradient all-reduce with zeros) and rank 1's loss is weighted by 2 * 1/1. Three of the samples
 are unreadable npz files, met by either rank in any epoch: skipped, and counted once.
 
-The ranks are forked from the test process when it holds no CUDA context (a fresh interpreter
-spends seconds importing torch), spawned otherwise; the SIGTERM test runs the real torchrun.
+The ranks are forked from a fork server that imported torch and pyfast once (a fresh interpreter
+spends seconds importing torch), never from the test process itself: after torch's OpenMP threads
+have run there, a forked child can hang on their locks. The SIGTERM test runs the real torchrun.
 """
 
 import json
@@ -20,7 +21,6 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-import torch._dynamo  # noqa: F401  (the optimizer imports it on first use: once here, not in each forked rank)
 import torch.multiprocessing as mp
 
 import pyfast
@@ -49,13 +49,18 @@ def data(tmp_path_factory) -> list:
     return [f"synthetic:,num_samples={SAMPLES - BAD},image_size=32", f"npz:{folder}"]
 
 
-def _spawn(tmp_path: Path, name: str, data: list, faults: dict, resume: bool = False, fork: bool = True, **more) -> dict:
+# imported once by the fork server (torch._dynamo: the optimizer imports it on first use)
+PRELOAD = ["torch", "torch._dynamo", "pyfast.train", "ddp_worker"]
+
+
+def _spawn(tmp_path: Path, name: str, data: list, faults: dict, resume: bool = False, **more) -> dict:
     """Two ranks of one run in RUN_DIR=tmp_path/name; returns each rank's record."""
     records = tmp_path / f"{name}-records-{'resume' if resume else 'start'}"
     records.mkdir()
     config = {**CONFIG, "data": data, "out": str(tmp_path / name), **more}
-    fork = fork and "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized()
-    start = "fork" if fork else "spawn"
+    start = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    if start == "forkserver":
+        mp.set_forkserver_preload(PRELOAD)  # takes effect when the server starts, on first use
     mp.start_processes(run_rank, args=(2, free_port(), config, str(records), faults, resume), nprocs=2, start_method=start)
     return {rank: json.loads((records / f"rank{rank}.json").read_text()) for rank in (0, 1)}
 
@@ -176,9 +181,9 @@ def test_a_failing_rank_stops_every_rank_and_the_run_resumes_exactly(tmp_path, r
 
 def test_a_rank_that_cannot_start_stops_every_rank_before_anything_is_written(tmp_path, data):
     ranks = _spawn(tmp_path, "never", data, {"config": {"1": {"data": [f"npz:{tmp_path}/missing"]}}})
-    assert ranks[1]["outcome"]["error"] == "MissingSourceError"
+    assert ranks[1]["outcome"]["error"] == "DataError"
     assert ranks[0]["outcome"]["error"] == "RankFailed"
-    assert ranks[0]["outcome"]["message"].startswith("rank 1 failed: MissingSourceError:")
+    assert ranks[0]["outcome"]["message"].startswith("rank 1 failed: DataError:")
     assert not (tmp_path / "never").exists()
 
 
@@ -240,7 +245,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, data):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_two_ranks_on_two_gpus_with_nccl(tmp_path, data):
-    ranks = _spawn(tmp_path, "gpu", data, {}, fork=False, device="auto")  # a process that will use CUDA: spawned
+    ranks = _spawn(tmp_path, "gpu", data, {}, device="auto")
     for rank in (0, 1):
         assert ranks[rank]["outcome"] == {"status": "completed", "steps": STEPS}
     assert ranks[0]["params"] == ranks[1]["params"]

@@ -2,7 +2,6 @@
 workers) without the image being decoded, outcomes travel with the batch, fresh features are cast
 once per batch and stored as they were cast."""
 
-import os
 import sys
 import types
 
