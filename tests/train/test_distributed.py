@@ -12,6 +12,7 @@ have run there, a forked child can hang on their locks. The SIGTERM test runs th
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -206,6 +207,26 @@ def test_resume_under_another_world_size_is_refused_naming_both(reference, capsy
     err = capsys.readouterr().err
     assert "world size 2" in err and "world size 1" in err and err.count("\n") == 1
     assert (run / "config.yaml").read_text() == before
+
+
+def test_an_out_holding_a_run_and_a_damaged_checkpoint_are_refused_on_every_rank(tmp_path, reference, data):
+    run = tmp_path / "copy"
+    shutil.copytree(reference[0], run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    ranks = _spawn(tmp_path, "copy", data, {})  # a new run into a folder that holds one
+    assert ranks[0]["outcome"]["error"] == "RunDirError" and "already holds a run" in ranks[0]["outcome"]["message"]
+    assert ranks[1]["outcome"] == {"error": "RankFailed", "message": "rank 0 failed: RunDirError: "
+                                   + ranks[0]["outcome"]["message"]}
+    last = run / "checkpoints" / "last.pt"
+    damaged = bytearray(before[last])
+    damaged[len(damaged) // 2] ^= 0xFF
+    last.write_bytes(bytes(damaged))
+    before[last] = bytes(damaged)
+    ranks = _spawn(tmp_path, "copy", data, {}, resume=True, max_steps=STEPS + 1)
+    for rank in (0, 1):  # rank 0 read it and refused; the others got its error
+        assert ranks[rank]["outcome"]["error"] == "CheckpointError"
+        assert "last.pt is damaged: its checksum does not match" in ranks[rank]["outcome"]["message"]
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing written
 
 
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, data):
