@@ -107,7 +107,7 @@ def _train(args: argparse.Namespace, layers: list, world, started: float) -> int
             if out is not None and isinstance(args.resume, str) and os.path.abspath(out) != os.path.abspath(args.resume):
                 return refuse(f"--resume {args.resume} and --out {out} name different run directories")
             # rank 0 reads the checkpoint; every rank continues from that one copy
-            config, checkpoint = world.on_main(lambda: plan_resume(run_dir, layers))
+            config, checkpoint = world.on_main(lambda: plan_resume(run_dir, layers, world_size=world.size))
             run = prepare(config, resume=checkpoint, world=world)
         else:
             run = prepare(build_config(*layers), world=world)

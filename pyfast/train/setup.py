@@ -346,13 +346,26 @@ class Run:
 # ------------------------------------------------------------------------------------------ resume
 
 
-def plan_resume(run_dir, layers: list[dict], log: Callable[[str], None] = print) -> tuple[TrainConfig, dict]:
+def _check_world_size(run_dir, checkpoint: dict, size: int) -> None:
+    before = int(checkpoint.get("world_size", 1))
+    if before != size:
+        raise CheckpointError(
+            f"--resume {run_dir}: the run was trained with world size {before} and this start has world size "
+            f"{size}; the batches of a step, the steps of an epoch and the learning-rate schedule depend on "
+            f"it, so resume with {before} process{'es' if before > 1 else ''} in all (torchrun --nnodes x "
+            f"--nproc-per-node), or start a new run with another --out"
+        )
+
+
+def plan_resume(run_dir, layers: list[dict], log: Callable[[str], None] = print,
+                world_size: Optional[int] = None) -> tuple[TrainConfig, dict]:
     """The configuration and the checkpoint of a run to continue.
 
     The checkpoint's own config is the base (config.yaml is for reading); `layers` (--fast,
     --config, flags) may only change what keeps the continuation exact (RESUME_SAFE) or `epochs`
     (the log says how the schedule changes); anything else raises ConfigError naming the settings.
-    Nothing is written.
+    `world_size`: the world of this start, refused early when it differs from the checkpoint's
+    (`prepare` checks it in any case). Nothing is written.
     """
     paths = RunDir(Path(run_dir))
     if not paths.last.exists():
@@ -362,6 +375,8 @@ def plan_resume(run_dir, layers: list[dict], log: Callable[[str], None] = print)
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {paths.last} has format {checkpoint.get('format')!r}, this pyfast resumes "
                               f"{CHECKPOINT_FORMAT!r}; start a new run")
+    if world_size is not None:
+        _check_world_size(run_dir, checkpoint, world_size)
     saved = checkpoint["config"]
     try:
         merged = build_config(saved, *layers, {"out": str(run_dir)})
@@ -422,14 +437,8 @@ def _prepare(config: TrainConfig, resume: Optional[dict], log: Callable[[str], N
     paths = RunDir(Path(cfg.out) if cfg.out else world.broadcast(default_run_dir() if world.is_main else None))
     if not world.is_main:
         log = _quiet
-    if resume is not None and int(resume.get("world_size", 1)) != world.size:
-        before = int(resume.get("world_size", 1))
-        raise CheckpointError(
-            f"--resume {paths.path}: the run was trained with world size {before} and this start has world size "
-            f"{world.size}; the batches of a step, the steps of an epoch and the learning-rate schedule depend on "
-            f"it, so resume with {before} process{'es' if before > 1 else ''} in all (torchrun --nnodes x "
-            f"--nproc-per-node), or start a new run with another --out"
-        )
+    if resume is not None:
+        _check_world_size(paths.path, resume, world.size)
     if world.is_main:  # the run directory is rank 0's alone (on other machines it may not even exist)
         if resume is None and paths.holds_run():
             raise RunDirError(

@@ -203,9 +203,10 @@ def test_a_rank_that_stops_answering_fails_the_others_after_the_timeout(tmp_path
 def test_resume_under_another_world_size_is_refused_naming_both(reference, capsys):
     run, _ = reference
     before = (run / "config.yaml").read_text()
-    assert main(["--resume", str(run), "--no-progress"]) == 2
-    err = capsys.readouterr().err
+    assert main(["--resume", str(run), "--epochs", "4", "--no-progress"]) == 2
+    out, err = capsys.readouterr()
     assert "world size 2" in err and "world size 1" in err and err.count("\n") == 1
+    assert "schedule" not in out  # refused before anything else is said about the resume
     assert (run / "config.yaml").read_text() == before
 
 
