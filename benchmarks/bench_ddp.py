@@ -34,6 +34,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TREE = os.path.dirname(HERE)
+if TREE not in sys.path:  # this tree's pyfast, not an installed one, here and in the spawned ranks
+    sys.path.insert(0, TREE)
 SAMPLES = int(os.environ.get("PYFAST_BENCH_DDP_SAMPLES", "384"))
 EPOCHS = 4  # epoch 1 fills the cache; epochs 2-4 are the warm ones measured
 ROUNDS = int(os.environ.get("PYFAST_BENCH_DDP_ROUNDS", "60"))  # rounds of each micro-benchmark
