@@ -13,8 +13,9 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader
+
+mask_utils = pytest.importorskip("pycocotools.mask")  # the COCO source's dependency
 
 from pyfast.data import CocoSource, Letterbox, NpzSource, RobustDataset, SyntheticSource, collate
 

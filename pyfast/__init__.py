@@ -14,14 +14,16 @@ from pyfast.cache import (
 from pyfast.capture import ActivationDataset
 from pyfast.memory import MemoryMonitor
 from pyfast.models.weights import LoadReport, WeightsError, load_weights
-from pyfast.ops import box_iou, box_loss, mask_iou, mask_loss
+from pyfast.ops import BoxLoss, MaskLoss, box_iou, box_loss, mask_iou, mask_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActivationDataset",
+    "BoxLoss",
     "FeatureCache",
     "LoadReport",
+    "MaskLoss",
     "MemoryMonitor",
     "Packed",
     "PackedFormatError",

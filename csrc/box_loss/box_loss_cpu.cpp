@@ -16,16 +16,68 @@ constexpr int64_t kBoxesPerBlock = 2048;
 // Below ~16k boxes a second thread costs more to start than it saves.
 constexpr int64_t kMinBlocksPerThread = 8;
 
+// |x| as bits (non-negative IEEE numbers order like their bit patterns), and the bits of
+// box::PairScale's threshold 2^kMaxExp: an integer max that rides along in the vectorized loops.
+inline uint32_t abs_bits(float x) { return float_to_bits(x) & 0x7FFFFFFFu; }
+inline uint64_t abs_bits(double x) { return double_to_bits(x) & 0x7FFFFFFFFFFFFFFFull; }
+inline bool reaches_scale_threshold(uint32_t bits) { return bits >= uint32_t(127 + box::PairScale::kMaxExpFloat) << 23; }
+inline bool reaches_scale_threshold(uint64_t bits) {
+  return bits >= uint64_t(1023 + box::PairScale::kMaxExpDouble) << 52;
+}
+template <class A> inline auto pair_bits(const A* p, const A* t) {
+  auto m = abs_bits(p[0]);
+  for (int k = 1; k < 4; ++k) m = m > abs_bits(p[k]) ? m : abs_bits(p[k]);
+  for (int k = 0; k < 4; ++k) m = m > abs_bits(t[k]) ? m : abs_bits(t[k]);
+  return m;
+}
+
 // The per-box loops below are branch-free maps over one block (the weight and output choices are
-// template parameters) so that the compiler vectorizes them.
-template <bool VARIANT, bool WEIGHTED, class T, class Loss, class A>
-PYFAST_SIMD_CLONES void map_block(const Loss& loss, int64_t count, const T* pred, const T* target, const A* weight, A* out) {
+// template parameters) so that the compiler vectorizes them. They run the loss without the
+// PairScale step and return whether a pair needed it (a coordinate at or beyond its threshold,
+// inf and NaN included); the caller then redoes that block with the scaled loss.
+template <bool VARIANT, int WEIGHT, class T, class Loss, class A>
+PYFAST_SIMD_CLONES bool map_block(const Loss& loss, int64_t count, const T* pred, const T* target, const A* weight, A* out) {
+  decltype(abs_bits(A{})) largest = 0;
   for (int64_t j = 0; j < count; ++j) {
     A p[4], t[4];
     box::load_box(pred + 4 * j, p);
     box::load_box(target + 4 * j, t);
-    A value = VARIANT ? loss.variant(p, t) : loss.forward(p, t);
-    if (WEIGHTED) value *= weight[j];
+    const auto bits = pair_bits(p, t);
+    largest = largest > bits ? largest : bits;
+    A value;
+    if (VARIANT) {
+      value = loss.variant(p, t);
+    } else if (WEIGHT == box::kPerCoordinate) {
+      value = loss.forward_weighted(p, t, weight + 4 * j);
+    } else {
+      value = loss.forward(p, t);
+      if (WEIGHT == box::kPerBox) value *= weight[j];
+    }
+    out[j] = value;
+  }
+  return reaches_scale_threshold(largest);
+}
+
+// Elements of `weight` per box.
+inline int64_t weight_stride(box::Weight kind) { return kind == box::kPerCoordinate ? 4 : 1; }
+
+// Any output and weight kind, box by box: the blocks that need the scaling step (rare, so plain).
+template <class T, class Loss, class A>
+void map_block_generic(const Loss& loss, int64_t count, const T* pred, const T* target, box::Output output,
+                       box::Weight weight_kind, const A* weight, A* out) {
+  for (int64_t j = 0; j < count; ++j) {
+    A p[4], t[4];
+    box::load_box(pred + 4 * j, p);
+    box::load_box(target + 4 * j, t);
+    A value;
+    if (output == box::kVariant) {
+      value = loss.variant(p, t);
+    } else if (weight_kind == box::kPerCoordinate) {
+      value = loss.forward_weighted(p, t, weight + 4 * j);
+    } else {
+      value = loss.forward(p, t);
+      if (weight_kind == box::kPerBox) value *= weight[j];
+    }
     out[j] = value;
   }
 }
@@ -45,8 +97,13 @@ template <class A> double sum_block(const A* values, int64_t count) {
 }
 
 template <class T, class Loss, class A = typename Acc<T>::type>
-void forward_impl(const Loss& loss, int64_t n, const T* pred, const T* target, const A* weight, A* out, int output,
-                  bool reduce, A scale, int num_threads) {
+void forward_impl(const Loss& loss, const BoxLossForward& args, int num_threads) {
+  const int64_t n = args.n;
+  const T* pred = args.pred.as<const T>();
+  const T* target = args.target.as<const T>();
+  const A* weight = args.weight.as<const A>();
+  A* out = args.out.as<A>();
+  const bool reduce = args.reduction != Reduction::None;
   const int64_t num_blocks = ceil_div(n, kBoxesPerBlock);
   // Per-block partial sums in double, added in block order: the result does not depend on the
   // thread count.
@@ -55,32 +112,41 @@ void forward_impl(const Loss& loss, int64_t n, const T* pred, const T* target, c
     const int64_t begin = b * kBoxesPerBlock, count = std::min(n, begin + kBoxesPerBlock) - begin;
     const T* p = pred + 4 * begin;
     const T* t = target + 4 * begin;
-    const A* w = weight ? weight + begin : nullptr;
+    const A* w = weight ? weight + begin * weight_stride(args.weight_kind) : nullptr;
     A scratch[kBoxesPerBlock];
     A* dst = reduce ? scratch : out + begin;
-    if (output == box::kVariant) {
-      map_block<true, false>(loss, count, p, t, w, dst);
-    } else if (w) {
-      map_block<false, true>(loss, count, p, t, w, dst);
+    bool needs_scale;
+    if (args.output == box::kVariant) {
+      needs_scale = map_block<true, box::kNoWeight>(loss, count, p, t, w, dst);
+    } else if (args.weight_kind == box::kPerCoordinate) {
+      needs_scale = map_block<false, box::kPerCoordinate>(loss, count, p, t, w, dst);
+    } else if (args.weight_kind == box::kPerBox) {
+      needs_scale = map_block<false, box::kPerBox>(loss, count, p, t, w, dst);
     } else {
-      map_block<false, false>(loss, count, p, t, w, dst);
+      needs_scale = map_block<false, box::kNoWeight>(loss, count, p, t, w, dst);
     }
+    // Ordinary pairs get the same bits either way: the whole block is simply done again.
+    if (needs_scale) map_block_generic(loss.scaled(), count, p, t, args.output, args.weight_kind, w, dst);
     if (reduce) partial[b] = sum_block(scratch, count);
   });
   if (reduce) {
     double total = 0.0;
     for (double v : partial) total += v;
-    out[0] = static_cast<A>(total * static_cast<double>(scale));
+    out[0] = static_cast<A>(total * static_cast<double>(A(reduction_scale(args.reduction, n, args.avg_factor))));
   }
 }
 
+// Returns whether a pair needed the PairScale step, as map_block.
 template <bool SCALAR_GRAD, bool WEIGHTED, bool TARGET_GRAD, class T, class Loss, class A>
-PYFAST_SIMD_CLONES void backward_block(const Loss& loss, int64_t count, const A* grad_out, A g_scalar, A scale, const T* pred,
+PYFAST_SIMD_CLONES bool backward_block(const Loss& loss, int64_t count, const A* grad_out, A g_scalar, A scale, const T* pred,
                     const T* target, const A* weight, T* grad_pred, T* grad_target) {
+  decltype(abs_bits(A{})) largest = 0;
   for (int64_t j = 0; j < count; ++j) {
     A p[4], t[4], gp[4], gt[4];
     box::load_box(pred + 4 * j, p);
     box::load_box(target + 4 * j, t);
+    const auto bits = pair_bits(p, t);
+    largest = largest > bits ? largest : bits;
     A g = SCALAR_GRAD ? g_scalar : grad_out[j] * scale;
     if (WEIGHTED) g *= weight[j];
     loss.backward(p, t, g, gp, gt);
@@ -89,32 +155,76 @@ PYFAST_SIMD_CLONES void backward_block(const Loss& loss, int64_t count, const A*
       for (int k = 0; k < 4; ++k) grad_target[4 * j + k] = from_acc<T>(gt[k]);
     }
   }
+  return reaches_scale_threshold(largest);
+}
+
+// The backward for any weight kind, box by box: per-coordinate weights (mmdet-style inputs, not
+// the hot path) and the blocks that need the scaling step.
+template <class T, class Loss, class A>
+void backward_block_generic(const Loss& loss, int64_t count, const A* grad_out, bool grad_is_scalar, A g_scalar,
+                            A scale, const T* pred, const T* target, box::Weight weight_kind, const A* weight,
+                            T* grad_pred, T* grad_target, A* grad_weight) {
+  for (int64_t j = 0; j < count; ++j) {
+    A p[4], t[4], gp[4], gt[4];
+    box::load_box(pred + 4 * j, p);
+    box::load_box(target + 4 * j, t);
+    const A g = grad_is_scalar ? g_scalar : grad_out[j] * scale;
+    if (weight_kind == box::kPerCoordinate) {
+      if (grad_weight) loss.weight_grad(p, t, g, grad_weight + 4 * j);
+      loss.backward_weighted(p, t, g, weight + 4 * j, gp, gt);
+    } else {
+      if (grad_weight) grad_weight[j] = g * loss.forward(p, t);
+      loss.backward(p, t, weight_kind == box::kPerBox ? g * weight[j] : g, gp, gt);
+    }
+    for (int k = 0; k < 4; ++k) grad_pred[4 * j + k] = from_acc<T>(gp[k]);
+    if (grad_target) {
+      for (int k = 0; k < 4; ++k) grad_target[4 * j + k] = from_acc<T>(gt[k]);
+    }
+  }
 }
 
 template <class T, class Loss, class A = typename Acc<T>::type>
-void backward_impl(const Loss& loss, int64_t n, const A* grad_out, bool grad_is_scalar, A scale, const T* pred,
-                   const T* target, const A* weight, T* grad_pred, T* grad_target, A* grad_weight, int num_threads) {
+void backward_impl(const Loss& loss, const BoxLossBackward& args, int num_threads) {
+  const int64_t n = args.n;
+  const A* grad_out = args.grad_out.as<const A>();
+  const bool grad_is_scalar = args.reduction != Reduction::None;
+  const A scale = A(reduction_scale(args.reduction, n, args.avg_factor));
+  const T* pred = args.pred.as<const T>();
+  const T* target = args.target.as<const T>();
+  const A* weight = args.weight.as<const A>();
+  T* grad_pred = args.grad_pred.as<T>();
+  T* grad_target = args.grad_target.as<T>();
+  A* grad_weight = args.grad_weight.as<A>();
+  const int64_t stride = weight_stride(args.weight_kind);
   const A g_scalar = grad_is_scalar ? grad_out[0] * scale : A(0);
   parallel_blocks(ceil_div(n, kBoxesPerBlock), num_threads, kMinBlocksPerThread, [&](int64_t b) {
     const int64_t begin = b * kBoxesPerBlock, count = std::min(n, begin + kBoxesPerBlock) - begin;
     const T* p = pred + 4 * begin;
     const T* t = target + 4 * begin;
     const A* g = grad_is_scalar ? grad_out : grad_out + begin;
-    const A* w = weight ? weight + begin : nullptr;
+    const A* w = weight ? weight + begin * stride : nullptr;
     T* gp = grad_pred + 4 * begin;
     T* gt = grad_target ? grad_target + 4 * begin : nullptr;
-    if (grad_weight) {
+    A* gw = grad_weight ? grad_weight + begin * stride : nullptr;
+    if (args.weight_kind == box::kPerCoordinate) {
+      // A plain loop: mmdet-style inputs, not the hot path, so the scaling step always runs.
+      backward_block_generic(loss.scaled(), count, g, grad_is_scalar, g_scalar, scale, p, t, args.weight_kind, w,
+                             gp, gt, gw);
+      return;
+    }
+    if (gw) {
       // d loss / d weight_i = g_i * unweighted loss_i
       for (int64_t j = 0; j < count; ++j) {
         A pb[4], tb[4];
         box::load_box(p + 4 * j, pb);
         box::load_box(t + 4 * j, tb);
-        grad_weight[begin + j] = (grad_is_scalar ? g_scalar : g[j] * scale) * loss.forward(pb, tb);
+        gw[j] = (grad_is_scalar ? g_scalar : g[j] * scale) * loss.forward(pb, tb);
       }
     }
     // Eight specializations: the common case (scalar grad, no weight, pred only) stays branch-free.
+    bool needs_scale = false;
     auto run = [&](auto scalar, auto weighted, auto target_grad) {
-      backward_block<decltype(scalar)::value, decltype(weighted)::value, decltype(target_grad)::value>(
+      needs_scale = backward_block<decltype(scalar)::value, decltype(weighted)::value, decltype(target_grad)::value>(
           loss, count, g, g_scalar, scale, p, t, w, gp, gt);
     };
     auto with_target = [&](auto scalar, auto weighted) {
@@ -136,38 +246,29 @@ void backward_impl(const Loss& loss, int64_t n, const A* grad_out, bool grad_is_
     } else {
       with_weight(std::false_type{});
     }
+    // Ordinary pairs get the same bits either way: the whole block is simply done again.
+    if (needs_scale) {
+      backward_block_generic(loss.scaled(), count, g, grad_is_scalar, g_scalar, scale, p, t, args.weight_kind, w,
+                             gp, gt, gw);
+    }
   });
 }
 
 }  // namespace
 
-void box_loss_forward_cpu(const BoxLossArgs& args, const void* pred, const void* target, const void* weight,
-                          void* out, int output, bool reduce, double scale, int num_threads) {
+void box_loss_forward_cpu(const BoxLossForward& args, int num_threads) {
   dispatch_float(args.dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = typename Acc<T>::type;
-    box::dispatch_box_loss<A>(args.mode, args.format, A(args.l1_weight), A(args.iou_weight), A(args.eps),
-                              [&](const auto& loss) {
-                                forward_impl<T>(loss, args.n, static_cast<const T*>(pred),
-                                                static_cast<const T*>(target), static_cast<const A*>(weight),
-                                                static_cast<A*>(out), output, reduce, A(scale), num_threads);
-                              });
+    box::dispatch_box_loss<A>(args.options, [&](const auto& loss) { forward_impl<T>(loss, args, num_threads); });
   });
 }
 
-void box_loss_backward_cpu(const BoxLossArgs& args, const void* grad_out, bool grad_is_scalar, double scale,
-                           const void* pred, const void* target, const void* weight, void* grad_pred,
-                           void* grad_target, void* grad_weight, int num_threads) {
+void box_loss_backward_cpu(const BoxLossBackward& args, int num_threads) {
   dispatch_float(args.dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = typename Acc<T>::type;
-    box::dispatch_box_loss<A>(
-        args.mode, args.format, A(args.l1_weight), A(args.iou_weight), A(args.eps), [&](const auto& loss) {
-          backward_impl<T>(loss, args.n, static_cast<const A*>(grad_out), grad_is_scalar, A(scale),
-                           static_cast<const T*>(pred), static_cast<const T*>(target), static_cast<const A*>(weight),
-                           static_cast<T*>(grad_pred), static_cast<T*>(grad_target), static_cast<A*>(grad_weight),
-                           num_threads);
-        });
+    box::dispatch_box_loss<A>(args.options, [&](const auto& loss) { backward_impl<T>(loss, args, num_threads); });
   });
 }
 

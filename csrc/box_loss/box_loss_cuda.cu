@@ -29,7 +29,8 @@ template <class T, class A> __device__ __forceinline__ void store_box_vec(T* bas
 template <class T, class Loss, class A>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     forward_kernel(Loss loss, int64_t n, const T* __restrict__ pred, const T* __restrict__ target,
-                   const A* __restrict__ weight, A* __restrict__ out, int output, bool reduce, A* __restrict__ partial) {
+                   box::Weight weight_kind, const A* __restrict__ weight, A* __restrict__ out, int output, bool reduce,
+                   A* __restrict__ partial) {
   A acc = A(0);
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
     A p[4], t[4];
@@ -39,8 +40,15 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       out[i] = loss.variant(p, t);
       continue;
     }
-    A value = loss.forward(p, t);
-    if (weight) value *= weight[i];
+    A value;
+    if (weight_kind == box::kPerCoordinate) {
+      A w[4];
+      for (int k = 0; k < 4; ++k) w[k] = weight[4 * i + k];
+      value = loss.forward_weighted(p, t, w);
+    } else {
+      value = loss.forward(p, t);
+      if (weight_kind == box::kPerBox) value *= weight[i];
+    }
     if (reduce) {
       acc += value;
     } else {
@@ -64,16 +72,24 @@ template <class A> __global__ void __launch_bounds__(kThreadsPerBlock)
 template <class T, class Loss, class A>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     backward_kernel(Loss loss, int64_t n, const A* __restrict__ grad_out, bool grad_is_scalar, A scale,
-                    const T* __restrict__ pred, const T* __restrict__ target, const A* __restrict__ weight,
-                    T* __restrict__ grad_pred, T* __restrict__ grad_target, A* __restrict__ grad_weight) {
+                    const T* __restrict__ pred, const T* __restrict__ target, box::Weight weight_kind,
+                    const A* __restrict__ weight, T* __restrict__ grad_pred, T* __restrict__ grad_target,
+                    A* __restrict__ grad_weight) {
   const A g_scalar = grad_is_scalar ? grad_out[0] * scale : A(0);
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
     A p[4], t[4], gp[4], gt[4];
     load_box_vec(pred, i, p);
     load_box_vec(target, i, t);
     const A g = grad_is_scalar ? g_scalar : grad_out[i] * scale;
-    if (grad_weight) grad_weight[i] = g * loss.forward(p, t);
-    loss.backward(p, t, weight ? g * weight[i] : g, gp, gt);
+    if (weight_kind == box::kPerCoordinate) {
+      A w[4];
+      for (int k = 0; k < 4; ++k) w[k] = weight[4 * i + k];
+      if (grad_weight) loss.weight_grad(p, t, g, grad_weight + 4 * i);
+      loss.backward_weighted(p, t, g, w, gp, gt);
+    } else {
+      if (grad_weight) grad_weight[i] = g * loss.forward(p, t);
+      loss.backward(p, t, weight_kind == box::kPerBox ? g * weight[i] : g, gp, gt);
+    }
     store_box_vec(grad_pred, i, gp);
     if (grad_target) store_box_vec(grad_target, i, gt);
   }
@@ -81,50 +97,53 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 
 }  // namespace
 
-int64_t box_loss_cuda_workspace(int64_t n) { return grid_for(n); }
+int64_t box_loss_forward_cuda_workspace(const BoxLossForward& args) {
+  const int64_t elem = args.dtype == DType::Float64 ? sizeof(double) : sizeof(float);
+  return args.reduction != Reduction::None ? grid_for(args.n) * elem : 0;
+}
 
-void box_loss_forward_cuda(const BoxLossArgs& args, const void* pred, const void* target, const void* weight,
-                           void* out, int output, bool reduce, double scale, void* workspace, uintptr_t stream_handle) {
-  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+void box_loss_forward_cuda(const BoxLossForward& args, const CudaLaunch& launch) {
+  DeviceGuard device(launch.device);
+  const cudaStream_t stream = stream_of(launch);
+  const bool reduce = args.reduction != Reduction::None;
   dispatch_float(args.dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = typename Acc<T>::type;
     const int blocks = grid_for(args.n);
-    A* partial = static_cast<A*>(workspace);
+    A* partial = launch.workspace.as<A>();
     if (args.n > 0) {
-      box::dispatch_box_loss<A>(args.mode, args.format, A(args.l1_weight), A(args.iou_weight), A(args.eps),
-                                [&](const auto& loss) {
-                                  forward_kernel<T><<<blocks, kThreadsPerBlock, 0, stream>>>(
-                                      loss, args.n, static_cast<const T*>(pred), static_cast<const T*>(target),
-                                      static_cast<const A*>(weight), static_cast<A*>(out), output, reduce, partial);
-                                });
+      box::dispatch_box_loss<A>(args.options, [&](const auto& loss) {
+        // Always with the scaling step: ordinary boxes get s = 1 (the same bits) and the ALU work is free here.
+        forward_kernel<T><<<blocks, kThreadsPerBlock, 0, stream>>>(
+            loss.scaled(), args.n, args.pred.as<const T>(), args.target.as<const T>(), args.weight_kind,
+            args.weight.as<const A>(), args.out.as<A>(), args.output, reduce, partial);
+      });
       check_launch("box_loss forward");
     }
     if (reduce) {
       // With n == 0 there are no partials: the second pass writes 0 (times scale).
-      sum_partials_kernel<A><<<1, kThreadsPerBlock, 0, stream>>>(partial, args.n > 0 ? blocks : 0, A(scale),
-                                                                  static_cast<A*>(out));
+      sum_partials_kernel<A><<<1, kThreadsPerBlock, 0, stream>>>(
+          partial, args.n > 0 ? blocks : 0, A(reduction_scale(args.reduction, args.n, args.avg_factor)),
+          args.out.as<A>());
       check_launch("box_loss reduction");
     }
   });
 }
 
-void box_loss_backward_cuda(const BoxLossArgs& args, const void* grad_out, bool grad_is_scalar, double scale,
-                            const void* pred, const void* target, const void* weight, void* grad_pred,
-                            void* grad_target, void* grad_weight, uintptr_t stream_handle) {
+void box_loss_backward_cuda(const BoxLossBackward& args, const CudaLaunch& launch) {
   if (args.n == 0) return;
-  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  DeviceGuard device(launch.device);
+  const cudaStream_t stream = stream_of(launch);
   dispatch_float(args.dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = typename Acc<T>::type;
-    box::dispatch_box_loss<A>(args.mode, args.format, A(args.l1_weight), A(args.iou_weight), A(args.eps),
-                              [&](const auto& loss) {
-                                backward_kernel<T><<<grid_for(args.n), kThreadsPerBlock, 0, stream>>>(
-                                    loss, args.n, static_cast<const A*>(grad_out), grad_is_scalar, A(scale),
-                                    static_cast<const T*>(pred), static_cast<const T*>(target),
-                                    static_cast<const A*>(weight), static_cast<T*>(grad_pred),
-                                    static_cast<T*>(grad_target), static_cast<A*>(grad_weight));
-                              });
+    box::dispatch_box_loss<A>(args.options, [&](const auto& loss) {
+      backward_kernel<T><<<grid_for(args.n), kThreadsPerBlock, 0, stream>>>(
+          loss.scaled(), args.n, args.grad_out.as<const A>(), args.reduction != Reduction::None,
+          A(reduction_scale(args.reduction, args.n, args.avg_factor)), args.pred.as<const T>(),
+          args.target.as<const T>(), args.weight_kind, args.weight.as<const A>(), args.grad_pred.as<T>(),
+          args.grad_target.as<T>(), args.grad_weight.as<A>());
+    });
     check_launch("box_loss backward");
   });
 }

@@ -7,17 +7,14 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
 
+#include "box_loss/box_loss.h"
 #include "common/types.h"
 
 namespace pyfast {
 namespace box {
-
-// Must match pyfast/ops/box_loss.py.
-enum Mode : int { kIoU = 0, kGIoU = 1, kDIoU = 2, kCIoU = 3 };
-enum Format : int { kXYXY = 0, kCXCYWH = 1 };
-enum Output : int { kLoss = 0, kVariant = 1 };
 
 template <class A> PYFAST_HD A relu(A x) { return x > A(0) ? x : A(0); }
 // Comparisons turned into 0/1 arithmetic rather than nested branches keep the CPU loops vectorizable.
@@ -80,6 +77,61 @@ template <class A> PYFAST_HD A nonfinite_poison(const A* p, const A* t) {
   A s = A(0);
   for (int k = 0; k < 4; ++k) s += (p[k] - p[k]) + (t[k] - t[k]);
   return s;
+}
+
+// Large boxes. The IoU math multiplies extents (areas), and its gradient squares those products, so
+// finite boxes with coordinates beyond ~2^31 (float) overflow to inf and NaN. Such a pair is scaled
+// by a power of two s (exact: only the exponent changes) that brings its largest |coordinate| to
+// about 2^20 (float; 2^200 for double, whose limit is ~2^255) before the math: the IoU variants
+// are scale-invariant (eps aside, which is negligible at these scales), the L1 term and the
+// gradients are scaled back by 1/s and s. Pairs below the threshold get s = 1, which leaves every
+// result bit for bit as without the scaling. Written with integer ops on the exponent bits so that
+// the CPU loops still vectorize; the CPU kernels skip it for blocks where no coordinate reaches
+// the threshold (needs_scale), the CUDA kernels always apply it (it costs them nothing).
+struct PairScale {
+  static constexpr int32_t kMaxExpFloat = 30, kToExpFloat = 20;
+  static constexpr int64_t kMaxExpDouble = 250, kToExpDouble = 200;
+  template <class A> struct Factors {
+    A s, inv_s;
+  };
+  PYFAST_HD static int32_t exponent(float x) { return static_cast<int32_t>((float_to_bits(x) >> 23) & 0xFFu) - 127; }
+  PYFAST_HD static int64_t exponent(double x) {
+    return static_cast<int64_t>((double_to_bits(x) >> 52) & 0x7FFu) - 1023;
+  }
+  // Whether a coordinate x (inf and NaN included) makes its pair scaled.
+  PYFAST_HD static bool needs_scale(float x) { return exponent(x) >= kMaxExpFloat; }
+  PYFAST_HD static bool needs_scale(double x) { return exponent(x) >= kMaxExpDouble; }
+  PYFAST_HD static Factors<float> of(float max_abs) {
+    const int32_t e = exponent(max_abs);
+    const int32_t shift = e >= kMaxExpFloat ? kToExpFloat - e : 0;  // inf/NaN: e = 128, still a normal factor
+    return {bits_to_float(static_cast<uint32_t>(127 + shift) << 23),
+            bits_to_float(static_cast<uint32_t>(127 - shift) << 23)};
+  }
+  PYFAST_HD static Factors<double> of(double max_abs) {
+    const int64_t e = exponent(max_abs);
+    const int64_t shift = e >= kMaxExpDouble ? kToExpDouble - e : 0;
+    return {bits_to_double(static_cast<uint64_t>(1023 + shift) << 52),
+            bits_to_double(static_cast<uint64_t>(1023 - shift) << 52)};
+  }
+};
+
+template <class A> PYFAST_HD A abs_value(A x) { return x < A(0) ? -x : x; }
+
+// Copies the pair into p, t, scaled by PairScale when SCALED, and returns the factors.
+template <bool SCALED, class A>
+PYFAST_HD PairScale::Factors<A> scale_pair(const A* p_raw, const A* t_raw, A* p, A* t) {
+  PairScale::Factors<A> f{A(1), A(1)};
+  if (SCALED) {
+    A m = abs_value(p_raw[0]);
+    for (int k = 1; k < 4; ++k) m = max2(m, abs_value(p_raw[k]));
+    for (int k = 0; k < 4; ++k) m = max2(m, abs_value(t_raw[k]));
+    f = PairScale::of(m);
+  }
+  for (int k = 0; k < 4; ++k) {
+    p[k] = p_raw[k] * f.s;
+    t[k] = t_raw[k] * f.s;
+  }
+  return f;
 }
 
 // In-place cxcywh -> xyxy, and the matching gradient map back to cxcywh.
@@ -228,67 +280,118 @@ template <class A, class T> PYFAST_HD void load_box(const T* src, A* dst) {
 
 // Per-box loss and its gradient, for one box pair given in `FORMAT`.
 // loss = l1_weight * mean|p - t| + iou_weight * (1 - variant)   (unweighted by the per-box weight)
-template <int MODE, int FORMAT, class A> struct BoxLoss {
+// SCALED: with the PairScale step, for pairs that may hold large coordinates (scaled() below).
+template <int MODE, int FORMAT, class A, bool SCALED = false> struct BoxLoss {
   A l1_weight, iou_weight, eps;
 
-  PYFAST_HD A forward(const A* p_raw, const A* t_raw) const {
-    A l1 = A(0);
-    for (int k = 0; k < 4; ++k) {
-      const A d = p_raw[k] - t_raw[k];
-      l1 += d < A(0) ? -d : d;
+  PYFAST_HD BoxLoss<MODE, FORMAT, A, true> scaled() const { return {l1_weight, iou_weight, eps}; }
+
+  // The pair scaled (PairScale) and in xyxy, ready for the IoU math.
+  PYFAST_HD PairScale::Factors<A> prepare(const A* p_raw, const A* t_raw, A* p, A* t) const {
+    const PairScale::Factors<A> f = scale_pair<SCALED>(p_raw, t_raw, p, t);
+    if (FORMAT == kCXCYWH) {
+      cxcywh_to_xyxy(p);
+      cxcywh_to_xyxy(t);
     }
-    A p[4] = {p_raw[0], p_raw[1], p_raw[2], p_raw[3]}, t[4] = {t_raw[0], t_raw[1], t_raw[2], t_raw[3]};
+    return f;
+  }
+
+  PYFAST_HD A forward(const A* p_raw, const A* t_raw) const {
+    A p[4], t[4];
+    A l1 = A(0);
+    const PairScale::Factors<A> f = scale_pair<SCALED>(p_raw, t_raw, p, t);
+    for (int k = 0; k < 4; ++k) l1 += abs_value(p[k] - t[k]);
     if (FORMAT == kCXCYWH) {
       cxcywh_to_xyxy(p);
       cxcywh_to_xyxy(t);
     }
     const A var = variant_forward<MODE>(p, t, eps);
-    return l1_weight * A(0.25) * l1 + iou_weight * (A(1) - var) + nonfinite_poison(p_raw, t_raw);
+    return l1_weight * (A(0.25) * l1 * f.inv_s) + iou_weight * (A(1) - var) + nonfinite_poison(p_raw, t_raw);
+  }
+
+  // With per-coordinate weights w[4]: sum_k w_k |p_k - t_k| / 4 for the L1 term, mean(w) for the IoU term.
+  PYFAST_HD A forward_weighted(const A* p_raw, const A* t_raw, const A* w) const {
+    A p[4], t[4];
+    A l1 = A(0);
+    const PairScale::Factors<A> f = scale_pair<SCALED>(p_raw, t_raw, p, t);
+    for (int k = 0; k < 4; ++k) l1 += w[k] * abs_value(p[k] - t[k]);
+    if (FORMAT == kCXCYWH) {
+      cxcywh_to_xyxy(p);
+      cxcywh_to_xyxy(t);
+    }
+    const A w_mean = A(0.25) * (w[0] + w[1] + w[2] + w[3]);
+    const A var = variant_forward<MODE>(p, t, eps);
+    return l1_weight * (A(0.25) * l1 * f.inv_s) + iou_weight * w_mean * (A(1) - var) +
+           nonfinite_poison(p_raw, t_raw);
   }
 
   PYFAST_HD A variant(const A* p_raw, const A* t_raw) const {
-    A p[4] = {p_raw[0], p_raw[1], p_raw[2], p_raw[3]}, t[4] = {t_raw[0], t_raw[1], t_raw[2], t_raw[3]};
-    if (FORMAT == kCXCYWH) {
-      cxcywh_to_xyxy(p);
-      cxcywh_to_xyxy(t);
-    }
+    A p[4], t[4];
+    prepare(p_raw, t_raw, p, t);
     return variant_forward<MODE>(p, t, eps) + nonfinite_poison(p_raw, t_raw);
   }
 
-  // gp, gt receive g * d loss / d box (overwritten).
-  PYFAST_HD void backward(const A* p_raw, const A* t_raw, A g, A* gp, A* gt) const {
-    A p[4] = {p_raw[0], p_raw[1], p_raw[2], p_raw[3]}, t[4] = {t_raw[0], t_raw[1], t_raw[2], t_raw[3]};
-    if (FORMAT == kCXCYWH) {
-      cxcywh_to_xyxy(p);
-      cxcywh_to_xyxy(t);
-    }
+  // gp, gt receive d loss / d box (overwritten), where the L1 term of coordinate k has the
+  // gradient scale g_l1[k] and the IoU term g_iou.
+  PYFAST_HD void backward_terms(const A* p_raw, const A* t_raw, A g_iou, const A* g_l1, A* gp, A* gt) const {
+    A p[4], t[4];
+    const PairScale::Factors<A> f = prepare(p_raw, t_raw, p, t);
     for (int k = 0; k < 4; ++k) gp[k] = gt[k] = A(0);
-    variant_backward<MODE>(p, t, eps, -g * iou_weight, gp, gt);
+    variant_backward<MODE>(p, t, eps, -g_iou * iou_weight, gp, gt);
     if (FORMAT == kCXCYWH) {
       xyxy_grad_to_cxcywh(gp);
       xyxy_grad_to_cxcywh(gt);
     }
     const A poison = nonfinite_poison(p_raw, t_raw);
-    const A gl1 = g * l1_weight * A(0.25);
     for (int k = 0; k < 4; ++k) {
-      const A s = gl1 * sign(p_raw[k] - t_raw[k]);
-      gp[k] += s + poison;
-      gt[k] += -s + poison;
+      const A s = g_l1[k] * l1_weight * A(0.25) * sign(p_raw[k] - t_raw[k]);
+      // d variant(s x) / dx = s variant'(s x)
+      gp[k] = gp[k] * f.s + s + poison;
+      gt[k] = gt[k] * f.s - s + poison;
     }
+  }
+
+  // gp, gt receive g * d loss / d box (overwritten).
+  PYFAST_HD void backward(const A* p_raw, const A* t_raw, A g, A* gp, A* gt) const {
+    const A g_l1[4] = {g, g, g, g};
+    backward_terms(p_raw, t_raw, g, g_l1, gp, gt);
+  }
+
+  // The same for the loss with per-coordinate weights w[4].
+  PYFAST_HD void backward_weighted(const A* p_raw, const A* t_raw, A g, const A* w, A* gp, A* gt) const {
+    const A g_l1[4] = {g * w[0], g * w[1], g * w[2], g * w[3]};
+    backward_terms(p_raw, t_raw, g * (A(0.25) * (w[0] + w[1] + w[2] + w[3])), g_l1, gp, gt);
+  }
+
+  // gw receives g * d loss / d w_k of the per-coordinate-weighted loss:
+  // g * (l1_weight |p_k - t_k| + iou_weight (1 - variant)) / 4.
+  PYFAST_HD void weight_grad(const A* p_raw, const A* t_raw, A g, A* gw) const {
+    A p[4], t[4];
+    const PairScale::Factors<A> f = scale_pair<SCALED>(p_raw, t_raw, p, t);
+    A d[4];
+    for (int k = 0; k < 4; ++k) d[k] = abs_value(p[k] - t[k]) * f.inv_s;
+    if (FORMAT == kCXCYWH) {
+      cxcywh_to_xyxy(p);
+      cxcywh_to_xyxy(t);
+    }
+    const A iou_term = iou_weight * (A(1) - variant_forward<MODE>(p, t, eps));
+    const A poison = nonfinite_poison(p_raw, t_raw);
+    for (int k = 0; k < 4; ++k) gw[k] = g * (A(0.25) * (l1_weight * d[k] + iou_term)) + poison;
   }
 };
 
 // Calls fn(BoxLoss<MODE, FORMAT, A>{...}) with the mode and format as compile-time constants.
-template <class A, class Fn> void dispatch_box_loss(int mode, int format, A l1_weight, A iou_weight, A eps, Fn&& fn) {
+template <class A, class Fn> void dispatch_box_loss(const BoxLossOptions& options, Fn&& fn) {
+  const A l1_weight = A(options.l1_weight), iou_weight = A(options.iou_weight), eps = A(options.eps);
   auto with_format = [&](auto mode_tag) {
     constexpr int M = decltype(mode_tag)::value;
-    if (format == kCXCYWH) {
+    if (options.box_format == kCXCYWH) {
       fn(BoxLoss<M, kCXCYWH, A>{l1_weight, iou_weight, eps});
     } else {
       fn(BoxLoss<M, kXYXY, A>{l1_weight, iou_weight, eps});
     }
   };
-  switch (mode) {
+  switch (options.mode) {
     case kIoU: with_format(std::integral_constant<int, kIoU>{}); break;
     case kGIoU: with_format(std::integral_constant<int, kGIoU>{}); break;
     case kDIoU: with_format(std::integral_constant<int, kDIoU>{}); break;

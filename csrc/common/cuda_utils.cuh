@@ -6,7 +6,39 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/op_args.h"
+
 namespace pyfast {
+
+inline void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("pyfast: ") + what + " failed: " + cudaGetErrorString(err));
+  }
+}
+
+// Makes the tensors' device current for one entry point and restores the caller's afterwards:
+// the launch must not depend on which device the calling thread happens to have selected.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device) {
+      check_cuda(cudaSetDevice(device), "cudaSetDevice");
+    } else {
+      previous_ = -1;
+    }
+  }
+  ~DeviceGuard() {
+    if (previous_ >= 0) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
+inline cudaStream_t stream_of(const CudaLaunch& launch) { return reinterpret_cast<cudaStream_t>(launch.stream); }
 
 // Launch errors (bad configuration, no device image for this GPU) surface as Python exceptions.
 // cudaGetLastError does not synchronize.

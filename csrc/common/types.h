@@ -1,6 +1,7 @@
 // Element types, host/device qualifiers and the conversions shared by every kernel.
 //
-// The kernels never see torch: Python passes a dtype code (see pyfast/_native.py) and raw pointers.
+// The kernels never see torch: Python passes a DType (bound as `pyfast._C.DType`, which
+// pyfast/_native.py maps to torch dtypes by name) and raw addresses.
 // Half and bfloat16 are carried as 16-bit storage types; the conversions below are the IEEE
 // round-to-nearest-even ones torch itself uses, so a value cast here is bit-identical to
 // `tensor.to(dtype)` for every finite input.
@@ -20,8 +21,8 @@
 
 namespace pyfast {
 
-// Must match pyfast/_native.py::DTYPE_CODES.
-enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
+// Storage types the kernels read and write. UInt8 holds binary masks (bool or uint8 targets).
+enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3, UInt8 = 4 };
 
 struct alignas(2) Half {
   uint16_t bits;
@@ -47,6 +48,26 @@ PYFAST_HD float bits_to_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof(f));
   return f;
+#endif
+}
+
+PYFAST_HD uint64_t double_to_bits(double d) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint64_t>(__double_as_longlong(d));
+#else
+  uint64_t u;
+  std::memcpy(&u, &d, sizeof(u));
+  return u;
+#endif
+}
+
+PYFAST_HD double bits_to_double(uint64_t u) {
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(u));
+#else
+  double d;
+  std::memcpy(&d, &u, sizeof(d));
+  return d;
 #endif
 }
 

@@ -1,54 +1,103 @@
 // Fused BCE + dice + focal mask loss and mask IoU: the entry points behind pyfast.mask_loss and
 // pyfast.mask_iou.
 //
-// Pointers are raw device or host addresses validated by pyfast/ops/mask_loss.py. `logits` (and
-// its gradient) hold n x m elements of `dtype`; `targets` hold n x m elements of `target_dtype`
-// (a float DType code, or mask::kTargetUInt8 for bool/uint8 masks). `sums` holds n x
-// mask::kNumSums per-mask sums, `out`, `grad_out` and `iou` are in the accumulation type
-// (float64 for float64 logits, float32 otherwise).
+// Addresses are validated by pyfast/ops/mask_loss.py. `logits` (and its gradient) hold n x m
+// elements of `dtype`; `targets` hold n x m elements of `target_dtype` (a float DType, or UInt8 for
+// binary bool/uint8 masks). `sums` holds n x mask::kNumSums per-mask sums; `out`, `grad_out` and
+// `iou` are in the accumulation type (float64 for float64 logits, float32 otherwise).
+//
+// Float targets are probabilities: a mask with a float target outside [0, 1] (a 0/255 mask passed
+// as float, a negative value) has no valid loss or IoU. The kernels count such targets per mask
+// (the kSumBadTargets sum) and give that mask a NaN loss and a NaN IoU, so no wrong number comes
+// out. The CPU entry points also return how many masks were affected, so the caller can raise at
+// no cost; on CUDA that needs a host sync, which the caller does only when asked to.
 #pragma once
 
 #include <cstdint>
 
-namespace pyfast {
+#include "common/op_args.h"
+#include "common/types.h"
 
-struct MaskLossArgs {
-  int64_t n;  // masks
-  int64_t m;  // elements per mask
-  int dtype;
-  int target_dtype;
-  int focal;  // mask::Focal
-  double bce_weight;
-  double dice_weight;
-  double focal_weight;
-  double alpha;  // < 0: no class weighting
-  double gamma;
-  double smooth;
+namespace pyfast {
+namespace mask {
+
+// Which focal term the kernels compile in: none (focal_weight == 0), the gamma == 2 shortcut, or
+// any gamma >= 0.
+enum Focal : int { kNoFocal = 0, kFocalGamma2 = 1, kFocalGeneral = 2 };
+// Per-mask sums saved by the forward.
+enum Sum : int { kSumCE = 0, kSumFocal = 1, kSumPT = 2, kSumP = 3, kSumT = 4, kSumBadTargets = 5, kNumSums = 6 };
+// Per-mask sums of mask_iou.
+enum IoUSum : int { kIoUInter = 0, kIoUUnion = 1, kIoUNaN = 2, kIoUBadTargets = 3, kNumIoUSums = 4 };
+
+}  // namespace mask
+
+// The op's options: the keyword arguments of pyfast.mask_loss that shape the per-mask math.
+struct MaskLossOptions {
+  double bce_weight = 1.0;
+  double dice_weight = 1.0;
+  double focal_weight = 0.0;
+  double alpha = 0.25;  // < 0: no class weighting
+  double gamma = 2.0;
+  double smooth = 1.0;
 };
 
-// Forward: writes the per-mask sums and the loss: with reduce, out[0] = scale * sum_i loss_i;
-// without, out[i] = loss_i.
-void mask_loss_forward_cpu(const MaskLossArgs& args, const void* logits, const void* targets, void* sums, void* out,
-                           bool reduce, double scale, int num_threads);
-// Backward: grad_logits = d(loss)/d(logits) * grad_out * scale, from the saved sums.
-void mask_loss_backward_cpu(const MaskLossArgs& args, const void* grad_out, bool grad_is_scalar, double scale,
-                            const void* logits, const void* targets, const void* sums, void* grad_logits,
-                            int num_threads);
-// iou[i] = |x > threshold AND t| / max(|x > threshold OR t|, 1), NaN when a logit is NaN.
-void mask_iou_cpu(const MaskLossArgs& args, double threshold, const void* logits, const void* targets, void* iou,
-                  int num_threads);
+inline mask::Focal focal_mode(const MaskLossOptions& options) {
+  if (options.focal_weight == 0.0) return mask::kNoFocal;
+  return options.gamma == 2.0 ? mask::kFocalGamma2 : mask::kFocalGeneral;
+}
+
+// Forward: writes the per-mask sums and the loss: with a reduction, out[0] = scale * sum_i loss_i
+// (scale from reduction_scale); without, out[i] = loss_i.
+struct MaskLossForward {
+  MaskLossOptions options;
+  int64_t n = 0;  // masks
+  int64_t m = 0;  // elements per mask
+  DType dtype = DType::Float32;
+  DType target_dtype = DType::UInt8;
+  Address logits, targets;
+  Reduction reduction = Reduction::None;
+  double avg_factor = 0.0;  // <= 0: none
+  Address sums, out;
+};
+
+// Backward: grad_logits = d(loss)/d(logits) * grad_out * scale, from the forward's sums.
+struct MaskLossBackward {
+  MaskLossOptions options;
+  int64_t n = 0;
+  int64_t m = 0;
+  DType dtype = DType::Float32;
+  DType target_dtype = DType::UInt8;
+  Address logits, targets, sums;
+  Reduction reduction = Reduction::None;
+  double avg_factor = 0.0;
+  Address grad_out, grad_logits;
+};
+
+// iou[i] = |x > threshold AND t| / max(|x > threshold OR t|, 1); NaN when a logit is NaN or a float
+// target is outside [0, 1].
+struct MaskIoU {
+  int64_t n = 0;
+  int64_t m = 0;
+  DType dtype = DType::Float32;
+  DType target_dtype = DType::UInt8;
+  Address logits, targets;
+  double threshold = 0.0;
+  Address iou;
+};
+
+// The CPU forward and IoU return the number of masks with float targets outside [0, 1].
+int64_t mask_loss_forward_cpu(const MaskLossForward& args, int num_threads);
+void mask_loss_backward_cpu(const MaskLossBackward& args, int num_threads);
+int64_t mask_iou_cpu(const MaskIoU& args, int num_threads);
 
 #if PYFAST_WITH_CUDA
-// Accumulation-type elements of workspace that the forward and mask_iou need.
-int64_t mask_loss_cuda_workspace(int64_t n, int64_t m);
-void mask_loss_forward_cuda(const MaskLossArgs& args, const void* logits, const void* targets, void* sums,
-                            void* out, bool reduce, double scale, void* workspace, uintptr_t stream);
-// `workspace` holds mask_loss_cuda_workspace(n, m) accumulation-type elements.
-void mask_loss_backward_cuda(const MaskLossArgs& args, const void* grad_out, bool grad_is_scalar, double scale,
-                             const void* logits, const void* targets, const void* sums, void* grad_logits,
-                             void* workspace, uintptr_t stream);
-void mask_iou_cuda(const MaskLossArgs& args, double threshold, const void* logits, const void* targets, void* iou,
-                   void* workspace, uintptr_t stream);
+// Bytes of scratch memory each entry point needs.
+int64_t mask_loss_forward_cuda_workspace(const MaskLossForward& args);
+int64_t mask_loss_backward_cuda_workspace(const MaskLossBackward& args);
+int64_t mask_iou_cuda_workspace(const MaskIoU& args);
+void mask_loss_forward_cuda(const MaskLossForward& args, const CudaLaunch& launch);
+void mask_loss_backward_cuda(const MaskLossBackward& args, const CudaLaunch& launch);
+void mask_iou_cuda(const MaskIoU& args, const CudaLaunch& launch);
 #endif
 
 }  // namespace pyfast

@@ -110,22 +110,23 @@ std::vector<double> row_sums(int64_t n, int64_t m, int num_threads, const Elem& 
   return sums;
 }
 
-template <class A> mask::RowMath<A> row_math(const MaskLossArgs& args) {
-  return {A(args.bce_weight), A(args.dice_weight), A(args.focal_weight), A(args.smooth),
-          A(1.0 / static_cast<double>(std::max<int64_t>(args.m, 1)))};
-}
-
 template <class T, class TT, class Loss, class A = typename Acc<T>::type>
-void forward_impl(const MaskLossArgs& args, const Loss& loss, const T* logits, const TT* targets, A* sums_out,
-                  A* out, bool reduce, double scale, int num_threads) {
+int64_t forward_impl(const MaskLossForward& args, const Loss& loss, int num_threads) {
+  const T* logits = args.logits.as<const T>();
+  const TT* targets = args.targets.as<const TT>();
   const std::vector<double> sums = row_sums<mask::kNumSums, A>(
       args.n, args.m, num_threads,
       [&](int64_t i, A* v) PYFAST_ELEM_LAMBDA { loss.forward(to_acc<A>(logits[i]), mask::load_target<A>(targets[i]), v); });
-  const mask::RowMath<A> rm = row_math<A>(args);
+  const mask::RowMath<A> rm = mask::row_math<A>(args.options, args.m);
+  A* sums_out = args.sums.as<A>();
+  A* out = args.out.as<A>();
+  const bool reduce = args.reduction != Reduction::None;
   double total = 0.0;
+  int64_t bad_masks = 0;
   for (int64_t row = 0; row < args.n; ++row) {
     const double* s = sums.data() + row * mask::kNumSums;
     for (int k = 0; k < mask::kNumSums; ++k) sums_out[row * mask::kNumSums + k] = static_cast<A>(s[k]);
+    bad_masks += s[mask::kSumBadTargets] > 0.0;
     const double value = rm.template loss<double>(s);
     if (reduce) {
       total += value;
@@ -133,7 +134,8 @@ void forward_impl(const MaskLossArgs& args, const Loss& loss, const T* logits, c
       out[row] = static_cast<A>(value);
     }
   }
-  if (reduce) out[0] = static_cast<A>(total * scale);
+  if (reduce) out[0] = static_cast<A>(total * reduction_scale(args.reduction, args.n, args.avg_factor));
+  return bad_masks;
 }
 
 // The backward's elementwise map over one piece of a mask.
@@ -146,9 +148,15 @@ PYFAST_SIMD_CLONES void grad_range(const Loss& loss, const mask::RowCoef<A>& c, 
 }
 
 template <class T, class TT, class Loss, class A = typename Acc<T>::type>
-void backward_impl(const MaskLossArgs& args, const Loss& loss, const A* grad_out, bool grad_is_scalar, double scale,
-                   const T* logits, const TT* targets, const A* sums, T* grad_logits, int num_threads) {
-  const mask::RowMath<A> rm = row_math<A>(args);
+void backward_impl(const MaskLossBackward& args, const Loss& loss, int num_threads) {
+  const T* logits = args.logits.as<const T>();
+  const TT* targets = args.targets.as<const TT>();
+  const A* sums = args.sums.as<const A>();
+  const A* grad_out = args.grad_out.as<const A>();
+  T* grad_logits = args.grad_logits.as<T>();
+  const bool grad_is_scalar = args.reduction != Reduction::None;
+  const double scale = reduction_scale(args.reduction, args.n, args.avg_factor);
+  const mask::RowMath<A> rm = mask::row_math<A>(args.options, args.m);
   const Plan plan = make_plan(args.n, args.m);
   parallel_blocks(plan.num_blocks, num_threads, kMinBlocksPerThread, [&](int64_t b) {
     for_each_piece(plan, args.n, args.m, b, [&](int64_t row, int64_t begin, int64_t end, int64_t) {
@@ -160,54 +168,52 @@ void backward_impl(const MaskLossArgs& args, const Loss& loss, const A* grad_out
 }
 
 template <class T, class TT, class A = typename Acc<T>::type>
-void iou_impl(const MaskLossArgs& args, A threshold, const T* logits, const TT* targets, A* iou, int num_threads) {
+int64_t iou_impl(const MaskIoU& args, int num_threads) {
+  const T* logits = args.logits.as<const T>();
+  const TT* targets = args.targets.as<const TT>();
+  const A threshold = A(args.threshold);
   const std::vector<double> sums = row_sums<mask::kNumIoUSums, A>(
       args.n, args.m, num_threads,
       [&](int64_t i, A* v) PYFAST_ELEM_LAMBDA { mask::iou_element(to_acc<A>(logits[i]), mask::load_target<A>(targets[i]), threshold, v); });
+  A* iou = args.iou.as<A>();
+  int64_t bad_masks = 0;
   for (int64_t row = 0; row < args.n; ++row) {
-    iou[row] = static_cast<A>(mask::iou_from_sums<double>(sums.data() + row * mask::kNumIoUSums));
+    const double* s = sums.data() + row * mask::kNumIoUSums;
+    bad_masks += s[mask::kIoUBadTargets] > 0.0;
+    iou[row] = static_cast<A>(mask::iou_from_sums<double>(s));
   }
+  return bad_masks;
 }
 
 }  // namespace
 
-void mask_loss_forward_cpu(const MaskLossArgs& args, const void* logits, const void* targets, void* sums, void* out,
-                           bool reduce, double scale, int num_threads) {
+int64_t mask_loss_forward_cpu(const MaskLossForward& args, int num_threads) {
+  int64_t bad_masks = 0;
   mask::dispatch_types(args.dtype, args.target_dtype, [&](auto tag, auto target_tag) {
     using T = decltype(tag);
     using TT = decltype(target_tag);
     using A = typename Acc<T>::type;
-    mask::dispatch_focal<A>(args.focal, A(args.gamma), A(args.alpha), [&](const auto& loss) {
-      forward_impl<T, TT>(args, loss, static_cast<const T*>(logits), static_cast<const TT*>(targets),
-                          static_cast<A*>(sums), static_cast<A*>(out), reduce, scale, num_threads);
-    });
+    mask::dispatch_focal<A>(args.options,
+                            [&](const auto& loss) { bad_masks = forward_impl<T, TT>(args, loss, num_threads); });
+  });
+  return bad_masks;
+}
+
+void mask_loss_backward_cpu(const MaskLossBackward& args, int num_threads) {
+  mask::dispatch_types(args.dtype, args.target_dtype, [&](auto tag, auto target_tag) {
+    using T = decltype(tag);
+    using TT = decltype(target_tag);
+    using A = typename Acc<T>::type;
+    mask::dispatch_focal<A>(args.options, [&](const auto& loss) { backward_impl<T, TT>(args, loss, num_threads); });
   });
 }
 
-void mask_loss_backward_cpu(const MaskLossArgs& args, const void* grad_out, bool grad_is_scalar, double scale,
-                            const void* logits, const void* targets, const void* sums, void* grad_logits,
-                            int num_threads) {
+int64_t mask_iou_cpu(const MaskIoU& args, int num_threads) {
+  int64_t bad_masks = 0;
   mask::dispatch_types(args.dtype, args.target_dtype, [&](auto tag, auto target_tag) {
-    using T = decltype(tag);
-    using TT = decltype(target_tag);
-    using A = typename Acc<T>::type;
-    mask::dispatch_focal<A>(args.focal, A(args.gamma), A(args.alpha), [&](const auto& loss) {
-      backward_impl<T, TT>(args, loss, static_cast<const A*>(grad_out), grad_is_scalar, scale,
-                           static_cast<const T*>(logits), static_cast<const TT*>(targets),
-                           static_cast<const A*>(sums), static_cast<T*>(grad_logits), num_threads);
-    });
+    bad_masks = iou_impl<decltype(tag), decltype(target_tag)>(args, num_threads);
   });
-}
-
-void mask_iou_cpu(const MaskLossArgs& args, double threshold, const void* logits, const void* targets, void* iou,
-                  int num_threads) {
-  mask::dispatch_types(args.dtype, args.target_dtype, [&](auto tag, auto target_tag) {
-    using T = decltype(tag);
-    using TT = decltype(target_tag);
-    using A = typename Acc<T>::type;
-    iou_impl<T, TT>(args, A(threshold), static_cast<const T*>(logits), static_cast<const TT*>(targets),
-                    static_cast<A*>(iou), num_threads);
-  });
+  return bad_masks;
 }
 
 }  // namespace pyfast

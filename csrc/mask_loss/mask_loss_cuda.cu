@@ -175,67 +175,74 @@ void launch_partials(const Elem& elem, int64_t n, int64_t m, const T* logits, co
   check_launch("mask_loss row sums");
 }
 
-template <class A> mask::RowMath<A> row_math(const MaskLossArgs& args) {
-  return {A(args.bce_weight), A(args.dice_weight), A(args.focal_weight), A(args.smooth),
-          A(1.0 / static_cast<double>(args.m > 0 ? args.m : 1))};
-}
+int64_t acc_size(DType dtype) { return dtype == DType::Float64 ? sizeof(double) : sizeof(float); }
 
 }  // namespace
 
-int64_t mask_loss_cuda_workspace(int64_t n, int64_t m) {
-  // Forward: the partials, then one loss per mask. Backward: RowCoef (4 values) per mask.
-  return n * chunks_per_row(m) * mask::kNumSums + n;
+int64_t mask_loss_forward_cuda_workspace(const MaskLossForward& args) {
+  // The partials, then one loss per mask.
+  return (args.n * chunks_per_row(args.m) * mask::kNumSums + args.n) * acc_size(args.dtype);
 }
 
-void mask_loss_forward_cuda(const MaskLossArgs& args, const void* logits, const void* targets, void* sums,
-                            void* out, bool reduce, double scale, void* workspace, uintptr_t stream_handle) {
-  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+int64_t mask_loss_backward_cuda_workspace(const MaskLossBackward& args) {
+  // RowCoef (4 values) per mask.
+  return args.n * 4 * acc_size(args.dtype);
+}
+
+int64_t mask_iou_cuda_workspace(const MaskIoU& args) {
+  return args.n * chunks_per_row(args.m) * mask::kNumIoUSums * acc_size(args.dtype);
+}
+
+void mask_loss_forward_cuda(const MaskLossForward& args, const CudaLaunch& launch) {
+  DeviceGuard device(launch.device);
+  const cudaStream_t stream = stream_of(launch);
+  const bool reduce = args.reduction != Reduction::None;
   mask::dispatch_types(args.dtype, args.target_dtype, [&](auto tag, auto target_tag) {
     using T = decltype(tag);
     using TT = decltype(target_tag);
     using A = typename Acc<T>::type;
-    A* partial = static_cast<A*>(workspace);
+    A* partial = launch.workspace.as<A>();
     const int64_t cpr = chunks_per_row(args.m);
-    A* row_loss = reduce ? partial + args.n * cpr * mask::kNumSums : static_cast<A*>(out);
+    A* row_loss = reduce ? partial + args.n * cpr * mask::kNumSums : args.out.as<A>();
     if (args.n > 0 && args.m > 0) {
-      mask::dispatch_focal<A>(args.focal, A(args.gamma), A(args.alpha), [&](const auto& loss) {
+      mask::dispatch_focal<A>(args.options, [&](const auto& loss) {
         launch_partials<mask::kNumSums>(ForwardElem<std::decay_t<decltype(loss)>>{loss}, args.n, args.m,
-                                        static_cast<const T*>(logits), static_cast<const TT*>(targets), partial,
-                                        stream);
+                                        args.logits.as<const T>(), args.targets.as<const TT>(), partial, stream);
       });
-      loss_rows_kernel<A><<<grid_for(args.n), kThreadsPerBlock, 0, stream>>>(row_math<A>(args), args.n, cpr, partial,
-                                                                            static_cast<A*>(sums), row_loss);
+      loss_rows_kernel<A><<<grid_for(args.n), kThreadsPerBlock, 0, stream>>>(
+          mask::row_math<A>(args.options, args.m), args.n, cpr, partial, args.sums.as<A>(), row_loss);
       check_launch("mask_loss per-mask loss");
     }
     if (reduce) {
       // With n == 0 this writes 0 (times scale).
-      sum_kernel<A><<<1, kThreadsPerBlock, 0, stream>>>(row_loss, args.n, A(scale), static_cast<A*>(out));
+      sum_kernel<A><<<1, kThreadsPerBlock, 0, stream>>>(
+          row_loss, args.n, A(reduction_scale(args.reduction, args.n, args.avg_factor)), args.out.as<A>());
       check_launch("mask_loss reduction");
     }
   });
 }
 
-void mask_loss_backward_cuda(const MaskLossArgs& args, const void* grad_out, bool grad_is_scalar, double scale,
-                             const void* logits, const void* targets, const void* sums, void* grad_logits,
-                             void* workspace, uintptr_t stream_handle) {
+void mask_loss_backward_cuda(const MaskLossBackward& args, const CudaLaunch& launch) {
   if (args.n == 0 || args.m == 0) return;
-  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  DeviceGuard device(launch.device);
+  const cudaStream_t stream = stream_of(launch);
   mask::dispatch_types(args.dtype, args.target_dtype, [&](auto tag, auto target_tag) {
     using T = decltype(tag);
     using TT = decltype(target_tag);
     using A = typename Acc<T>::type;
-    auto* coef = static_cast<mask::RowCoef<A>*>(workspace);
+    auto* coef = launch.workspace.as<mask::RowCoef<A>>();
     coef_kernel<A><<<grid_for(args.n), kThreadsPerBlock, 0, stream>>>(
-        row_math<A>(args), args.n, static_cast<const A*>(grad_out), grad_is_scalar, A(scale),
-        static_cast<const A*>(sums), coef);
+        mask::row_math<A>(args.options, args.m), args.n, args.grad_out.as<const A>(),
+        args.reduction != Reduction::None, A(reduction_scale(args.reduction, args.n, args.avg_factor)),
+        args.sums.as<const A>(), coef);
     check_launch("mask_loss backward coefficients");
     const int64_t total = args.n * args.m;
-    const auto* x = static_cast<const T*>(logits);
-    const auto* t = static_cast<const TT*>(targets);
-    auto* g = static_cast<T*>(grad_logits);
-    const bool vector = can_vectorize<T, TT>(args.m, logits, targets) &&
-                        reinterpret_cast<uintptr_t>(grad_logits) % sizeof(Vec<T, vec_width<T>()>) == 0;
-    mask::dispatch_focal<A>(args.focal, A(args.gamma), A(args.alpha), [&](const auto& loss) {
+    const auto* x = args.logits.as<const T>();
+    const auto* t = args.targets.as<const TT>();
+    auto* g = args.grad_logits.as<T>();
+    const bool vector = can_vectorize<T, TT>(args.m, x, t) &&
+                        reinterpret_cast<uintptr_t>(g) % sizeof(Vec<T, vec_width<T>()>) == 0;
+    mask::dispatch_focal<A>(args.options, [&](const auto& loss) {
       if (vector) {
         backward_kernel<true><<<grid_for(total, vec_width<T>()), kThreadsPerBlock, 0, stream>>>(loss, total, args.m,
                                                                                                 coef, x, t, g);
@@ -247,19 +254,19 @@ void mask_loss_backward_cuda(const MaskLossArgs& args, const void* grad_out, boo
   });
 }
 
-void mask_iou_cuda(const MaskLossArgs& args, double threshold, const void* logits, const void* targets, void* iou,
-                   void* workspace, uintptr_t stream_handle) {
+void mask_iou_cuda(const MaskIoU& args, const CudaLaunch& launch) {
   if (args.n == 0 || args.m == 0) return;
-  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  DeviceGuard device(launch.device);
+  const cudaStream_t stream = stream_of(launch);
   mask::dispatch_types(args.dtype, args.target_dtype, [&](auto tag, auto target_tag) {
     using T = decltype(tag);
     using TT = decltype(target_tag);
     using A = typename Acc<T>::type;
-    A* partial = static_cast<A*>(workspace);
-    launch_partials<mask::kNumIoUSums>(IoUElem<A>{A(threshold)}, args.n, args.m, static_cast<const T*>(logits),
-                                       static_cast<const TT*>(targets), partial, stream);
+    A* partial = launch.workspace.as<A>();
+    launch_partials<mask::kNumIoUSums>(IoUElem<A>{A(args.threshold)}, args.n, args.m, args.logits.as<const T>(),
+                                       args.targets.as<const TT>(), partial, stream);
     iou_rows_kernel<A><<<grid_for(args.n), kThreadsPerBlock, 0, stream>>>(args.n, chunks_per_row(args.m), partial,
-                                                                         static_cast<A*>(iou));
+                                                                         args.iou.as<A>());
     check_launch("mask_iou per-mask result");
   });
 }

@@ -12,17 +12,10 @@
 
 #include "common/types.h"
 #include "common/vecmath.h"
+#include "mask_loss/mask_loss.h"
 
 namespace pyfast {
 namespace mask {
-
-// Must match pyfast/ops/mask_loss.py.
-enum Focal : int { kNoFocal = 0, kFocalGamma2 = 1, kFocalGeneral = 2 };
-constexpr int kTargetUInt8 = 4;  // after the float DType codes
-// Per-mask sums saved by the forward.
-enum Sum : int { kSumCE = 0, kSumFocal = 1, kSumPT = 2, kSumP = 3, kSumT = 4, kNumSums = 5 };
-// Per-mask sums of mask_iou.
-enum IoUSum : int { kIoUInter = 0, kIoUUnion = 1, kIoUNaN = 2, kNumIoUSums = 3 };
 
 // bool/uint8 masks are binary: any non-zero byte is foreground.
 template <class A, class TT> PYFAST_HD A load_target(TT v) { return to_acc<A>(v); }
@@ -47,6 +40,10 @@ template <class A> PYFAST_HD Sigmoid<A> sigmoid_parts(A x) {
 
 // ce = max(x, 0) - x t + log1p(exp(-|x|)): finite for any finite x, NaN for NaN.
 template <class A> PYFAST_HD A cross_entropy(A x, A t, A e) { return (x > A(0) ? x : A(0)) - x * t + vm::log1p_unit(e); }
+
+// 1 for a target outside [0, 1] (only float targets can be), 0 otherwise (NaN included: a NaN
+// target already makes the loss NaN).
+template <class A> PYFAST_HD A bad_target(A t) { return A(t < A(0)) + A(t > A(1)); }
 
 template <int FOCAL, class A> struct MaskLoss {
   A gamma;
@@ -80,6 +77,7 @@ template <int FOCAL, class A> struct MaskLoss {
     out[kSumPT] = s.p * t;
     out[kSumP] = s.p;
     out[kSumT] = t;
+    out[kSumBadTargets] = bad_target(t);
     if (FOCAL != kNoFocal) {
       A factor, dfactor;
       focal_factor(s, t, factor, dfactor);
@@ -94,12 +92,14 @@ template <int FOCAL, class A> struct MaskLoss {
 template <class A> struct RowMath {
   A bce_weight, dice_weight, focal_weight, smooth, inv_m;
 
-  // loss = bce_weight * mean ce + dice_weight * (1 - (2 S_pt + s) / (S_p + S_t + s)) + focal_weight * mean focal
+  // loss = bce_weight * mean ce + dice_weight * (1 - (2 S_pt + s) / (S_p + S_t + s)) + focal_weight * mean focal,
+  // NaN for a mask with float targets outside [0, 1].
   template <class S> PYFAST_HD S loss(const S* sums) const {
     const S num = S(2) * sums[kSumPT] + S(smooth);
     const S den = sums[kSumP] + sums[kSumT] + S(smooth);
+    const S poison = sums[kSumBadTargets] > S(0) ? S(NAN) : S(0);
     return S(bce_weight) * sums[kSumCE] * S(inv_m) + S(dice_weight) * (S(1) - num / den) +
-           S(focal_weight) * sums[kSumFocal] * S(inv_m);
+           S(focal_weight) * sums[kSumFocal] * S(inv_m) + poison;
   }
 };
 
@@ -137,47 +137,56 @@ template <class A> PYFAST_HD void iou_element(A x, A t, A threshold, A* out) {
   out[kIoUInter] = bt;
   out[kIoUUnion] = b + t - bt;
   out[kIoUNaN] = x != x ? A(1) : A(0);
+  out[kIoUBadTargets] = bad_target(t);
 }
 
 template <class S> PYFAST_HD S iou_from_sums(const S* sums) {
   const S uni = sums[kIoUUnion] > S(1) ? sums[kIoUUnion] : S(1);
   const S iou = sums[kIoUInter] / uni;
-  return sums[kIoUNaN] > S(0) ? S(NAN) : iou;
+  return sums[kIoUNaN] > S(0) || sums[kIoUBadTargets] > S(0) ? S(NAN) : iou;
 }
 
 // Calls fn(T{}, TT{}): T the logits' storage type, TT the targets' (uint8_t, T, or float for
 // half/bfloat16 logits with float32 targets).
-template <class Fn> void dispatch_types(int dtype, int target_dtype, Fn&& fn) {
+template <class Fn> void dispatch_types(DType dtype, DType target_dtype, Fn&& fn) {
   auto with_target = [&](auto logit_tag) {
     using T = decltype(logit_tag);
-    if (target_dtype == kTargetUInt8) return fn(T{}, uint8_t{});
+    if (target_dtype == DType::UInt8) return fn(T{}, uint8_t{});
     if (target_dtype == dtype) return fn(T{}, T{});
-    if (target_dtype == static_cast<int>(DType::Float32) &&
-        (std::is_same<T, Half>::value || std::is_same<T, BFloat16>::value)) {
+    if (target_dtype == DType::Float32 && (std::is_same<T, Half>::value || std::is_same<T, BFloat16>::value)) {
       return fn(T{}, float{});
     }
-    throw std::invalid_argument("pyfast: unsupported mask target dtype code " + std::to_string(target_dtype) +
-                                " for logits dtype code " + std::to_string(dtype));
+    throw std::invalid_argument("pyfast: unsupported mask target dtype code " +
+                                std::to_string(static_cast<int>(target_dtype)) + " for logits dtype code " +
+                                std::to_string(static_cast<int>(dtype)));
   };
-  switch (static_cast<DType>(dtype)) {
+  switch (dtype) {
     case DType::Float32: return with_target(float{});
     case DType::Float64: return with_target(double{});
     case DType::Float16: return with_target(Half{});
     case DType::BFloat16: return with_target(BFloat16{});
+    case DType::UInt8: break;
   }
-  throw std::invalid_argument("pyfast: unsupported dtype code " + std::to_string(dtype));
+  throw std::invalid_argument("pyfast: unsupported logits dtype code " + std::to_string(static_cast<int>(dtype)));
 }
 
 // Calls fn(MaskLoss<FOCAL, A>{...}) with the focal mode as a compile-time constant.
-template <class A, class Fn> void dispatch_focal(int focal, A gamma, A alpha, Fn&& fn) {
+template <class A, class Fn> void dispatch_focal(const MaskLossOptions& options, Fn&& fn) {
+  const A gamma = A(options.gamma), alpha = A(options.alpha);
   // alpha < 0 disables the class weighting: alpha_t = 1.
   const A alpha0 = alpha < A(0) ? A(1) : A(1) - alpha;
   const A slope = alpha < A(0) ? A(0) : A(2) * alpha - A(1);
-  switch (focal) {
+  switch (focal_mode(options)) {
     case kNoFocal: return fn(MaskLoss<kNoFocal, A>{gamma, alpha0, slope});
     case kFocalGamma2: return fn(MaskLoss<kFocalGamma2, A>{gamma, alpha0, slope});
     default: return fn(MaskLoss<kFocalGeneral, A>{gamma, alpha0, slope});
   }
+}
+
+// The per-mask math's constants from the options.
+template <class A> RowMath<A> row_math(const MaskLossOptions& options, int64_t m) {
+  return {A(options.bce_weight), A(options.dice_weight), A(options.focal_weight), A(options.smooth),
+          A(1.0 / static_cast<double>(m > 1 ? m : 1))};
 }
 
 }  // namespace mask

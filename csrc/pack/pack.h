@@ -12,6 +12,9 @@
 
 #include <cstdint>
 
+#include "common/op_args.h"
+#include "common/types.h"
+
 namespace pyfast {
 
 // One source tensor. `offset` is in elements of the output buffer.
@@ -26,16 +29,24 @@ static_assert(sizeof(PackItem) == 32, "PackItem is read as 4 int64 per item from
 // Per item: counts[2*i] = non-finite values, counts[2*i+1] = overflowing values,
 // absmax[i] = max |x| over the finite values (0 when there are none). `counts` and `absmax`
 // must be zeroed by the caller (the CUDA kernel accumulates into them with atomics).
-void pack_cpu(const PackItem* items, int64_t num_items, void* dst, int out_dtype, bool saturate, int64_t* counts,
-              double* absmax, int num_threads);
+struct PackArgs {
+  Address items;  // num_items PackItem rows: host memory for the CPU kernel, device memory for CUDA
+  int64_t num_items = 0;
+  int64_t max_numel = 0;  // the largest item (sizes the CUDA grid)
+  DType out_dtype = DType::Float16;  // Float16 or BFloat16
+  bool saturate = false;
+  Address dst;     // sum of numel elements of out_dtype
+  Address counts;  // num_items x 2 int64
+  Address absmax;  // num_items double
+};
+
+void pack_cpu(const PackArgs& args, int num_threads);
 
 // Tests only: use the baseline-ISA loops even where AVX2 + F16C are available.
 void pack_cpu_force_generic(bool on);
 
 #if PYFAST_WITH_CUDA
-// `items` is a device copy of the item table; `max_numel` the largest item (sizes the grid).
-void pack_cuda(const PackItem* items, int64_t num_items, int64_t max_numel, void* dst, int out_dtype, bool saturate,
-               int64_t* counts, double* absmax, uintptr_t stream);
+void pack_cuda(const PackArgs& args, const CudaLaunch& launch);
 #endif
 
 }  // namespace pyfast

@@ -138,10 +138,10 @@ template <class S, class D, bool kSaturate> RangeFn pick_range() {
   return &range_generic<S, D, kSaturate>;
 }
 
-RangeFn range_for(int src_dtype, int out_dtype, bool saturate) {
+RangeFn range_for(DType src_dtype, DType out_dtype, bool saturate) {
   return dispatch_float(src_dtype, [&](auto src_tag) -> RangeFn {
     using S = decltype(src_tag);
-    const bool half_out = static_cast<DType>(out_dtype) == DType::Float16;
+    const bool half_out = out_dtype == DType::Float16;
     if (half_out) return saturate ? pick_range<S, Half, true>() : pick_range<S, Half, false>();
     return saturate ? pick_range<S, BFloat16, true>() : pick_range<S, BFloat16, false>();
   });
@@ -151,24 +151,28 @@ RangeFn range_for(int src_dtype, int out_dtype, bool saturate) {
 
 void pack_cpu_force_generic(bool on) { force_generic.store(on); }
 
-void pack_cpu(const PackItem* items, int64_t num_items, void* dst, int out_dtype, bool saturate, int64_t* counts,
-              double* absmax, int num_threads) {
-  const auto out_code = static_cast<DType>(out_dtype);
-  if (out_code != DType::Float16 && out_code != DType::BFloat16) {
+void pack_cpu(const PackArgs& args, int num_threads) {
+  const PackItem* items = args.items.as<const PackItem>();
+  const int64_t num_items = args.num_items;
+  const DType out_dtype = args.out_dtype;
+  const bool saturate = args.saturate;
+  int64_t* counts = args.counts.as<int64_t>();
+  double* absmax = args.absmax.as<double>();
+  if (out_dtype != DType::Float16 && out_dtype != DType::BFloat16) {
     throw std::invalid_argument("pyfast: pack output dtype must be float16 or bfloat16");
   }
   std::vector<RangeFn> fns(num_items);
   std::vector<Chunk> chunks;
   for (int64_t i = 0; i < num_items; ++i) {
-    fns[i] = range_for(static_cast<int>(items[i].dtype), out_dtype, saturate);
+    fns[i] = range_for(static_cast<DType>(items[i].dtype), out_dtype, saturate);
     for (int64_t b = 0; b < items[i].numel; b += kChunk) chunks.push_back({i, b, std::min(items[i].numel, b + kChunk)});
   }
   std::vector<ChunkStats> stats(chunks.size());
-  uint16_t* out = static_cast<uint16_t*>(dst);
+  uint16_t* out = args.dst.as<uint16_t>();
   parallel_blocks(static_cast<int64_t>(chunks.size()), num_threads, kMinChunksPerThread, [&](int64_t c) {
     const Chunk& ch = chunks[c];
     const PackItem& item = items[ch.item];
-    const int64_t elem = dispatch_float(static_cast<int>(item.dtype), [](auto tag) { return (int64_t)sizeof(tag); });
+    const int64_t elem = dispatch_float(static_cast<DType>(item.dtype), [](auto tag) { return (int64_t)sizeof(tag); });
     const char* src = reinterpret_cast<const char*>(item.src) + ch.begin * elem;
     stats[c] = fns[ch.item](src, out + item.offset + ch.begin, ch.end - ch.begin);
   });

@@ -68,26 +68,31 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       case DType::Float64: pack_item<double, D, kSaturate>(item, dst, counts, absmax, it); break;
       case DType::Float16: pack_item<Half, D, kSaturate>(item, dst, counts, absmax, it); break;
       case DType::BFloat16: pack_item<BFloat16, D, kSaturate>(item, dst, counts, absmax, it); break;
+      case DType::UInt8: break;  // not a pack source (checked in Python)
     }
   }
 }
 
 }  // namespace
 
-void pack_cuda(const PackItem* items, int64_t num_items, int64_t max_numel, void* dst, int out_dtype, bool saturate,
-               int64_t* counts, double* absmax, uintptr_t stream_handle) {
-  if (num_items == 0 || max_numel == 0) return;
-  const auto out_code = static_cast<DType>(out_dtype);
+void pack_cuda(const PackArgs& args, const CudaLaunch& launch) {
+  if (args.num_items == 0 || args.max_numel == 0) return;
+  const DType out_code = args.out_dtype;
   if (out_code != DType::Float16 && out_code != DType::BFloat16) {
     throw std::invalid_argument("pyfast: pack output dtype must be float16 or bfloat16");
   }
-  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  DeviceGuard device(launch.device);
+  const cudaStream_t stream = stream_of(launch);
+  const PackItem* items = args.items.as<const PackItem>();
+  const int64_t num_items = args.num_items, max_numel = args.max_numel;
+  const bool saturate = args.saturate;
+  double* absmax = args.absmax.as<double>();
   const int grid_y = static_cast<int>(num_items < kMaxGridY ? num_items : kMaxGridY);
   long long grid_x = grid_for(max_numel);
   if (grid_x * grid_y > kMaxTotalBlocks) grid_x = kMaxTotalBlocks / grid_y > 1 ? kMaxTotalBlocks / grid_y : 1;
   const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
-  auto* out = static_cast<uint16_t*>(dst);
-  auto* cnt = reinterpret_cast<unsigned long long*>(counts);
+  auto* out = args.dst.as<uint16_t>();
+  auto* cnt = args.counts.as<unsigned long long>();
   if (out_code == DType::Float16) {
     if (saturate) pack_kernel<Half, true><<<grid, kThreadsPerBlock, 0, stream>>>(items, num_items, out, cnt, absmax);
     else pack_kernel<Half, false><<<grid, kThreadsPerBlock, 0, stream>>>(items, num_items, out, cnt, absmax);

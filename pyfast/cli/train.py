@@ -81,6 +81,7 @@ def _main(args: argparse.Namespace, started: float) -> int:
 def _train(args: argparse.Namespace, layers: list, world, started: float) -> int:
     from pyfast.data import MissingSourceError, TooManyBadSamples
     from pyfast.models import BackboneError
+    from pyfast.models.weights import WeightsError
     from pyfast.train import (
         CheckpointError, ConfigError, FeatureError, RankFailed, RunDirError, TrainingDiverged, build_config,
         format_table, plan_resume, prepare, train,
@@ -111,8 +112,8 @@ def _train(args: argparse.Namespace, layers: list, world, started: float) -> int
             run = prepare(config, resume=checkpoint, world=world)
         else:
             run = prepare(build_config(*layers), world=world)
-    except (ConfigError, RunDirError, DataError, MissingSourceError, BackboneError, CheckpointError, FeatureError,
-            RankFailed, DistributedError) as error:
+    except (ConfigError, RunDirError, DataError, MissingSourceError, BackboneError, WeightsError, CheckpointError,
+            FeatureError, RankFailed, DistributedError) as error:
         return fail(error, 2)
 
     try:

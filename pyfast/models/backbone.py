@@ -12,7 +12,9 @@ backbone once.
 
 A backbone may carry `preprocess: dict` (whatever shapes its features beyond the letterbox: sizes,
 mean/std, padding; it goes into the feature-cache fingerprint) and `input_size: int | None` (the
-square input size it expects; the training job refuses another `--image-size`).
+square input size it expects: the training job's image size when `--image-size` is not given). A
+backbone that also runs at other sizes says so with `check_input_size(size) -> note | None`, raising
+BackboneError for a size it cannot take; without it, another `--image-size` is refused.
 """
 
 from __future__ import annotations
@@ -111,6 +113,12 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+_NOT_A_MAP = {
+    2: " (an embedding per image has no spatial map: return the encoder's feature map instead of its pooled output)",
+    3: " (tokens? reshape (B, h*w, C) tokens to (B, C, h, w), or load a transformers encoder with hf:PATH)",
+}
+
+
 def feature_maps(output) -> dict[str, torch.Tensor]:
     """A backbone's output as an ordered dict name -> (B, C, h, w) map.
 
@@ -133,7 +141,8 @@ def feature_maps(output) -> dict[str, torch.Tensor]:
     for name, t in maps.items():
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise BackboneError(f"backbone output {name!r} must be a (B, C, h, w) tensor, got {shape}")
+            hint = _NOT_A_MAP.get(t.dim(), "") if isinstance(t, torch.Tensor) else ""
+            raise BackboneError(f"backbone output {name!r} must be a (B, C, h, w) feature map, got {shape}{hint}")
     return maps
 
 

@@ -292,8 +292,8 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
 class HFBackbone(nn.Module):
     """A frozen transformers encoder as a pyfast backbone: (B, 3, S, S) in [0, 1] -> map(s).
 
-    Attributes: `input_size`, `preprocess` (for the cache fingerprint; also the module's extra
-    state, so a digest of the module covers it), `feature_info` (name -> channels, stride),
+    Attributes: `input_size`, `check_input_size(size)`, `preprocess` (for the cache fingerprint;
+    also the module's extra state, so a digest of the module covers it), `feature_info` (name -> channels, stride),
     `weights_report` (the LoadReport of the weights, or None), `model` (the transformers encoder).
     """
 
@@ -412,6 +412,19 @@ class HFBackbone(nn.Module):
     def set_extra_state(self, state) -> None:
         if state != self.preprocess:
             raise BackboneError("this state was saved by a backbone with other preprocessing or layers")
+
+    def check_input_size(self, size: int) -> Optional[str]:
+        """Whether the encoder runs on `size` x `size` images: BackboneError if not, else None or a
+        note on how (the training job's `--image-size` check)."""
+        if self.family.kind == "sam":
+            if size != self.input_size:
+                raise BackboneError(f"SAM's encoder takes only {self.input_size}x{self.input_size} images "
+                                    "(its patch and position embeddings have that size)")
+            return None
+        if size % self.patch_size:
+            raise BackboneError(f"{size} is not a multiple of the patch size {self.patch_size}")
+        grid, trained = size // self.patch_size, self._config_size // self.patch_size
+        return None if grid == trained else f"position embeddings interpolated from {trained}x{trained} to {grid}x{grid} patches"
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """[0, 1] images -> the pixel values the model's image processor would produce."""

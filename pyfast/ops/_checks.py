@@ -1,4 +1,5 @@
-"""Argument checks shared by the ops: every message names the argument it is about."""
+"""Argument checks shared by the ops (every message names the argument it is about), and the one
+place that turns `reduction` and `avg_factor` into what the ops compute."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import torch
 
 from pyfast._native import FLOAT_DTYPES
 
-REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
+REDUCTIONS = ("none", "sum", "mean")
+# A zero tensor avg_factor divides by this instead: mmdet's `avg_factor + eps` at zero.
+AVG_FACTOR_EPS = torch.finfo(torch.float32).eps
 
 
 def check_tensor(name: str, value) -> torch.Tensor:
@@ -30,7 +33,7 @@ def check_same_device(name: str, value: torch.Tensor, ref_name: str, ref: torch.
         raise ValueError(f"{name} is on {value.device} but {ref_name} is on {ref.device}; they must share a device")
 
 
-def check_choice(name: str, value, choices: Sequence[str] | dict) -> str:
+def check_choice(name: str, value, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
@@ -49,18 +52,39 @@ def check_number(name: str, value, *, minimum: float | None = None, positive: bo
     return value
 
 
-def check_avg_factor(value):
-    """None, a positive number, or a tensor (used as a divisor on the device, with no host sync)."""
-    if value is None or isinstance(value, torch.Tensor):
-        return value
-    return check_number("avg_factor", value, positive=True)
+def reduction_args(reduction, avg_factor) -> tuple[str, float | None, torch.Tensor | None]:
+    """(reduction, avg_factor) for an op, and a tensor to divide its result by afterwards.
+
+    avg_factor only means something for reduction="mean" (mmdet's rule); with "sum" or "none" it is
+    refused rather than ignored. A number is checked here (> 0) and divides inside the kernel. A
+    tensor must hold one element; the op then sums and the result is divided on the device (no host
+    sync), see divide_by_avg_factor.
+    """
+    check_choice("reduction", reduction, REDUCTIONS)
+    if avg_factor is None:
+        return reduction, None, None
+    if reduction != "mean":
+        raise ValueError(f'avg_factor applies to reduction="mean" only, got reduction={reduction!r}')
+    if isinstance(avg_factor, torch.Tensor):
+        if avg_factor.numel() != 1:
+            raise ValueError(f"avg_factor must be a number or a one-element tensor, got shape {tuple(avg_factor.shape)}")
+        if avg_factor.is_complex() or avg_factor.dtype == torch.bool:
+            raise TypeError(f"avg_factor must be a real number, got a {avg_factor.dtype} tensor")
+        return "sum", None, avg_factor
+    return "mean", check_number("avg_factor", avg_factor, positive=True), None
 
 
-def mean_scale(n: int, reduction: int, avg_factor) -> float:
-    """The factor the kernels multiply the summed loss by: 1 / (avg_factor or N) for mean, else 1."""
-    if reduction != REDUCTIONS["mean"]:
-        return 1.0
-    return 1.0 / (avg_factor if avg_factor is not None else max(n, 1))
+def divide_by_avg_factor(total: torch.Tensor, avg_factor: torch.Tensor) -> torch.Tensor:
+    """total / avg_factor on the device, for a one-element tensor avg_factor.
+
+    A zero avg_factor (no positives in the batch, say) divides by float32's eps instead, which is
+    mmdet's `avg_factor + eps` at zero: a zero summed loss stays 0 and a non-zero one becomes large
+    rather than inf. Any avg_factor >= eps divides exactly.
+    """
+    if avg_factor.device != total.device and avg_factor.device.type != "cpu":
+        raise ValueError(f"avg_factor is on {avg_factor.device} but the loss is on {total.device}")
+    divisor = avg_factor.reshape(()).to(total.dtype)
+    return total / divisor.clamp(min=AVG_FACTOR_EPS)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,9 +1,18 @@
-"""pyfast.box_loss and pyfast.box_iou: the fused L1 + IoU-family box loss.
+"""pyfast.box_loss, pyfast.box_iou and pyfast.BoxLoss: the fused L1 + IoU-family box loss.
 
-Layering: the public functions check and normalize their arguments, then call an
-autograd.Function whose forward and backward are the torch.library ops `pyfast::box_loss_forward`
-and `pyfast::box_loss_backward` (each one native kernel per device). The backward recomputes from
-the saved inputs; nothing per box is kept between the passes.
+Three torch.library ops, each written as every pyfast op is (pyfast/ops/_library.py): a schema whose
+arguments every caller passes by name, a native kernel that fills pyfast._C's argument struct by
+name, the reference twin as the fallback, a fake, and autograd on the op itself:
+
+    pyfast::box_loss_forward(pred, target, weight, <options>, reduction, avg_factor) -> loss
+    pyfast::box_loss_backward(grad, pred, target, weight, target_grad, weight_grad, <options>,
+                              reduction, avg_factor) -> (grad_pred, grad_target, grad_weight)
+    pyfast::box_iou(pred, target, mode, box_format, eps) -> variant
+
+<options> are the keyword arguments that shape the per-box math (BOX_OPTIONS). They pass through
+the ops by name into pyfast._C's BoxLossOptions, so a new one is a named field there, in
+BOX_OPTIONS, and in box_loss() and the reference twin. The backward recomputes from the saved inputs:
+nothing per box is kept between the passes.
 """
 
 from __future__ import annotations
@@ -11,39 +20,41 @@ from __future__ import annotations
 import torch
 
 from pyfast import _native
+from pyfast._native import FLOAT_DTYPES
 from pyfast.ops import reference
 from pyfast.ops._checks import (
-    REDUCTIONS,
     acc_dtype,
-    check_avg_factor,
     check_choice,
     check_float_tensor,
     check_number,
     check_same_device,
     check_tensor,
-    mean_scale,
+    divide_by_avg_factor,
+    reduction_args,
 )
-from pyfast.ops._library import LIB, impl_cpu_cuda
+from pyfast.ops._library import define, first_order_only, register_autograd
 
-# Must match csrc/box_loss/box_loss_math.h.
-MODES = {"iou": 0, "giou": 1, "diou": 2, "ciou": 3}
-FORMATS = {"xyxy": 0, "cxcywh": 1}
-_OUTPUT_LOSS, _OUTPUT_VARIANT = 0, 1
+MODES = reference.BOX_MODES
+FORMATS = reference.BOX_FORMATS
+BOX_OPTIONS = "str mode, str box_format, float l1_weight, float iou_weight, float eps"
+REDUCTION = "str reduction, float? avg_factor"
 
-LIB.define(
-    "box_loss_forward(Tensor pred, Tensor target, Tensor? weight, int mode, int box_format, float l1_weight, "
-    "float iou_weight, float eps, int reduction, float? avg_factor) -> Tensor"
-)
-LIB.define(
-    "box_loss_backward(Tensor grad, Tensor pred, Tensor target, Tensor? weight, int mode, int box_format, "
-    "float l1_weight, float iou_weight, float eps, int reduction, float? avg_factor, bool target_grad, "
-    "bool weight_grad) -> (Tensor, Tensor, Tensor)"
-)
-LIB.define("box_iou(Tensor pred, Tensor target, int mode, int box_format, float eps) -> Tensor")
+
+# ---- checks shared by the kernels and the fakes: everything an address needs ----
 
 
 def _check_boxes(pred, target, weight) -> None:
-    """Everything a pointer needs before it crosses into C++ (also guards direct torch.ops calls)."""
+    if (
+        weight is None
+        and type(pred) is type(target) is torch.Tensor
+        and pred.dtype is target.dtype
+        and pred.dtype in FLOAT_DTYPES
+        and pred.dim() == 2
+        and pred.shape[1] == 4
+        and pred.shape == target.shape
+        and pred.device == target.device
+    ):
+        return  # the common case, in one expression; any failure goes through the checks below
     check_float_tensor("pred", pred)
     check_float_tensor("target", target)
     if pred.dim() != 2 or pred.shape[1] != 4:
@@ -55,10 +66,16 @@ def _check_boxes(pred, target, weight) -> None:
     check_same_device("target", target, "pred", pred)
     if weight is not None:
         check_float_tensor("weight", weight)
-        if weight.shape != pred.shape[:1]:
-            raise ValueError(f"weight must have shape ({pred.shape[0]},), got {tuple(weight.shape)}")
+        n = pred.shape[0]
+        if weight.shape != (n,) and weight.shape != (n, 4):
+            raise ValueError(f"weight must have shape ({n},) or ({n}, 4), got {tuple(weight.shape)}")
         check_same_device("weight", weight, "pred", pred)
 
+
+def _weight_kind(weight) -> str:
+    if weight is None:
+        return "none"
+    return "per_box" if weight.dim() == 1 else "per_coordinate"
 
 
 def _aligned_boxes(boxes: torch.Tensor) -> torch.Tensor:
@@ -71,134 +88,171 @@ def _aligned_boxes(boxes: torch.Tensor) -> torch.Tensor:
 
 def _kernel_inputs(pred, target, weight):
     _check_boxes(pred, target, weight)
-    acc = acc_dtype(pred.dtype)
     if weight is not None:
-        weight = weight.to(acc).contiguous()
-    return _aligned_boxes(pred), _aligned_boxes(target), weight, acc
+        weight = weight.to(acc_dtype(pred.dtype)).contiguous()
+    return _aligned_boxes(pred), _aligned_boxes(target), weight
 
 
-def _run_forward(pred, target, weight, mode, box_format, l1_weight, iou_weight, eps, output, reduction, avg_factor):
-    pred, target, weight, acc = _kernel_inputs(pred, target, weight)
+# ---- pyfast::box_loss_forward ----
+
+
+def _forward_native(pred, target, weight, *, reduction, avg_factor, **options):
+    pred, target, weight = _kernel_inputs(pred, target, weight)
     n = pred.shape[0]
-    reduce = reduction != REDUCTIONS["none"]
-    out = pred.new_empty(() if reduce else (n,), dtype=acc)
-    args = (n, _native.DTYPE_CODES[pred.dtype], mode, box_format, l1_weight, iou_weight, eps)
-    ptrs = (pred.data_ptr(), target.data_ptr(), 0 if weight is None else weight.data_ptr(), out.data_ptr())
-    scale = mean_scale(n, reduction, avg_factor)
-    if pred.is_cuda:
-        workspace = torch.empty(_native._C.box_loss_cuda_workspace(n) if reduce else 0, dtype=acc, device=pred.device)
-        with torch.cuda.device(pred.device):
-            _native._C.box_loss_forward_cuda(
-                *args, *ptrs, output, reduce, scale, workspace.data_ptr(), _native.cuda_stream(pred.device)
-            )
-    else:
-        _native._C.box_loss_forward_cpu(*args, *ptrs, output, reduce, scale, _native.num_threads())
+    out = pred.new_empty(() if reduction != "none" else (n,), dtype=acc_dtype(pred.dtype))
+    _native.launch(
+        "box_loss_forward", pred.device, options=options, n=n, dtype=_native.DTYPES[pred.dtype], pred=pred,
+        target=target, weight_kind=_weight_kind(weight), weight=weight, output="loss", reduction=reduction,
+        avg_factor=avg_factor or 0.0, out=out,
+    )  # fmt: skip
     return out
 
 
-@impl_cpu_cuda("box_loss_forward")
-def _box_loss_forward(pred, target, weight, mode, box_format, l1_weight, iou_weight, eps, reduction, avg_factor):
-    return _run_forward(
-        pred, target, weight, mode, box_format, l1_weight, iou_weight, eps, _OUTPUT_LOSS, reduction, avg_factor
-    )
+def _forward_reference(pred, target, weight, *, reduction, avg_factor, **options):
+    _check_boxes(pred, target, weight)
+    return reference.box_loss_reference(pred, target, weight=weight, reduction=reduction, avg_factor=avg_factor,
+                                        **options)
 
 
-@impl_cpu_cuda("box_iou")
-def _box_iou(pred, target, mode, box_format, eps):
-    return _run_forward(pred, target, None, mode, box_format, 0.0, 0.0, eps, _OUTPUT_VARIANT, 0, None)
+def _forward_fake(pred, target, weight, *, reduction, avg_factor, **options):
+    _check_boxes(pred, target, weight)
+    return pred.new_empty(() if reduction != "none" else (pred.shape[0],), dtype=acc_dtype(pred.dtype))
 
 
-@impl_cpu_cuda("box_loss_backward")
-def _box_loss_backward(
-    grad, pred, target, weight, mode, box_format, l1_weight, iou_weight, eps, reduction, avg_factor, target_grad,
-    weight_grad,
-):
-    pred, target, weight, acc = _kernel_inputs(pred, target, weight)
+box_loss_forward = define(
+    f"box_loss_forward(Tensor pred, Tensor target, Tensor? weight, {BOX_OPTIONS}, {REDUCTION}) -> Tensor",
+    native=_forward_native, reference=_forward_reference, fake=_forward_fake,
+)  # fmt: skip
+
+
+# ---- pyfast::box_loss_backward ----
+
+
+def _check_grad(grad, n, reduction):
+    expected = 1 if reduction != "none" else n
+    if grad.numel() != expected:
+        raise ValueError(f"grad must have {expected} elements, got {grad.numel()}")
+
+
+def _backward_native(grad, pred, target, weight, *, target_grad, weight_grad, reduction, avg_factor, **options):
+    pred, target, weight = _kernel_inputs(pred, target, weight)
     n = pred.shape[0]
-    grad = grad.to(device=pred.device, dtype=acc).contiguous()
-    grad_is_scalar = reduction != REDUCTIONS["none"]
-    if grad.numel() != (1 if grad_is_scalar else n):
-        raise ValueError(f"grad must have {1 if grad_is_scalar else n} elements, got {grad.numel()}")
+    _check_grad(grad, n, reduction)
+    grad = grad.to(device=pred.device, dtype=acc_dtype(pred.dtype)).contiguous()
     grad_pred = torch.empty_like(pred)
     grad_target = torch.empty_like(target) if target_grad else pred.new_empty((0,))
-    grad_weight = pred.new_empty((n,) if weight_grad else (0,), dtype=acc)
-    args = (
-        n, _native.DTYPE_CODES[pred.dtype], mode, box_format, l1_weight, iou_weight, eps,
-        grad.data_ptr(), grad_is_scalar, mean_scale(n, reduction, avg_factor),
-        pred.data_ptr(), target.data_ptr(), 0 if weight is None else weight.data_ptr(),
-        grad_pred.data_ptr(), grad_target.data_ptr() if target_grad else 0,
-        grad_weight.data_ptr() if weight_grad else 0,
+    grad_weight = torch.empty_like(weight) if weight_grad and weight is not None else pred.new_empty((0,))
+    _native.launch(
+        "box_loss_backward", pred.device, options=options, n=n, dtype=_native.DTYPES[pred.dtype], pred=pred,
+        target=target, weight_kind=_weight_kind(weight), weight=weight, reduction=reduction,
+        avg_factor=avg_factor or 0.0, grad_out=grad, grad_pred=grad_pred,
+        grad_target=grad_target if target_grad else None, grad_weight=grad_weight if grad_weight.numel() else None,
     )  # fmt: skip
-    if pred.is_cuda:
-        with torch.cuda.device(pred.device):
-            _native._C.box_loss_backward_cuda(*args, _native.cuda_stream(pred.device))
-    else:
-        _native._C.box_loss_backward_cpu(*args, _native.num_threads())
     return grad_pred, grad_target, grad_weight
 
 
-@torch.library.register_fake("pyfast::box_loss_forward")
-def _box_loss_forward_fake(pred, target, weight, mode, box_format, l1_weight, iou_weight, eps, reduction, avg_factor):
-    shape = () if reduction != REDUCTIONS["none"] else (pred.shape[0],)
-    return pred.new_empty(shape, dtype=acc_dtype(pred.dtype))
+def _backward_reference(grad, pred, target, weight, *, target_grad, weight_grad, reduction, avg_factor, **options):
+    _check_boxes(pred, target, weight)
+    _check_grad(grad, pred.shape[0], reduction)
+    with torch.enable_grad():
+        p, t = pred.detach().requires_grad_(), target.detach().requires_grad_()
+        w = weight.detach().requires_grad_() if weight is not None else None
+        loss = reference.box_loss_reference(p, t, weight=w, reduction=reduction, avg_factor=avg_factor, **options)
+        inputs = [x for x in (p, t, w) if x is not None]
+        grads = torch.autograd.grad(loss, inputs, grad.reshape(loss.shape).to(loss.dtype), allow_unused=True)
+    grad_pred, grad_target = grads[0].to(pred.dtype), grads[1].to(target.dtype)
+    grad_weight = grads[2].to(acc_dtype(pred.dtype)) if weight_grad and weight is not None else pred.new_empty((0,))
+    return grad_pred, grad_target if target_grad else pred.new_empty((0,)), grad_weight
 
 
-@torch.library.register_fake("pyfast::box_iou")
-def _box_iou_fake(pred, target, mode, box_format, eps):
-    return pred.new_empty((pred.shape[0],), dtype=acc_dtype(pred.dtype))
-
-
-@torch.library.register_fake("pyfast::box_loss_backward")
-def _box_loss_backward_fake(
-    grad, pred, target, weight, mode, box_format, l1_weight, iou_weight, eps, reduction, avg_factor, target_grad,
-    weight_grad,
-):
+def _backward_fake(grad, pred, target, weight, *, target_grad, weight_grad, reduction, avg_factor, **options):
+    _check_boxes(pred, target, weight)
     grad_target = torch.empty_like(target) if target_grad else pred.new_empty((0,))
-    grad_weight = pred.new_empty((pred.shape[0],) if weight_grad else (0,), dtype=acc_dtype(pred.dtype))
+    wanted = weight_grad and weight is not None
+    grad_weight = weight.new_empty(weight.shape, dtype=acc_dtype(pred.dtype)) if wanted else pred.new_empty((0,))
     return torch.empty_like(pred), grad_target, grad_weight
 
 
-class _BoxLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pred, target, weight, mode, box_format, l1_weight, iou_weight, eps, reduction, avg_factor):
-        ctx.save_for_backward(pred, target, weight)
-        ctx.params = (mode, box_format, l1_weight, iou_weight, eps, reduction, avg_factor)
-        return torch.ops.pyfast.box_loss_forward(
-            pred, target, weight, mode, box_format, l1_weight, iou_weight, eps, reduction, avg_factor
-        )
-
-    @staticmethod
-    def backward(ctx, grad):
-        pred, target, weight = ctx.saved_tensors
-        target_grad, weight_grad = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        grad_pred, grad_target, grad_weight = torch.ops.pyfast.box_loss_backward(
-            grad, pred, target, weight, *ctx.params, target_grad, weight_grad
-        )
-        return (
-            grad_pred if ctx.needs_input_grad[0] else None,
-            grad_target if target_grad else None,
-            grad_weight if weight_grad else None,
-        ) + (None,) * 7
+box_loss_backward = define(
+    f"box_loss_backward(Tensor grad, Tensor pred, Tensor target, Tensor? weight, bool target_grad, "
+    f"bool weight_grad, {BOX_OPTIONS}, {REDUCTION}) -> (Tensor, Tensor, Tensor)",
+    native=_backward_native, reference=_backward_reference, fake=_backward_fake, differentiable=False,
+)  # fmt: skip
 
 
-class _BoxIoUFunction(torch.autograd.Function):
+def _setup_loss(ctx, inputs, output):
+    ctx.save_for_backward(inputs.pop("pred"), inputs.pop("target"), inputs.pop("weight"))
+    ctx.options = inputs  # the options, the reduction and avg_factor, by name
+
+
+def _backward_loss(ctx, grad):
+    pred, target, weight = ctx.saved_tensors
+    target_grad, weight_grad = ctx.needs_grad["target"], ctx.needs_grad["weight"]
+    grad_pred, grad_target, grad_weight = first_order_only(
+        "box_loss",
+        lambda: box_loss_backward(grad, pred, target, weight, target_grad=target_grad, weight_grad=weight_grad,
+                                  **ctx.options),
+        grad, pred, target, weight,
+    )  # fmt: skip
+    return {"pred": grad_pred, "target": grad_target if target_grad else None,
+            "weight": grad_weight if weight_grad else None}  # fmt: skip
+
+
+register_autograd(box_loss_forward, _backward_loss, setup_context=_setup_loss)
+
+
+# ---- pyfast::box_iou ----
+
+
+def _iou_native(pred, target, *, mode, box_format, eps):
+    pred, target, _ = _kernel_inputs(pred, target, None)
+    out = pred.new_empty((pred.shape[0],), dtype=acc_dtype(pred.dtype))
+    _native.launch(
+        "box_loss_forward", pred.device, options=dict(mode=mode, box_format=box_format, l1_weight=0.0,
+        iou_weight=0.0, eps=eps), n=pred.shape[0], dtype=_native.DTYPES[pred.dtype], pred=pred, target=target,
+        weight_kind="none", weight=None, output="variant", reduction="none", avg_factor=0.0, out=out,
+    )  # fmt: skip
+    return out
+
+
+def _iou_reference(pred, target, *, mode, box_format, eps):
+    _check_boxes(pred, target, None)
+    return reference.box_iou_reference(pred, target, mode=mode, box_format=box_format, eps=eps)
+
+
+def _iou_fake(pred, target, *, mode, box_format, eps):
+    _check_boxes(pred, target, None)
+    return pred.new_empty((pred.shape[0],), dtype=acc_dtype(pred.dtype))
+
+
+box_iou_op = define(
+    "box_iou(Tensor pred, Tensor target, str mode, str box_format, float eps) -> Tensor",
+    native=_iou_native, reference=_iou_reference, fake=_iou_fake,
+)  # fmt: skip
+
+
+def _setup_iou(ctx, inputs, output):
+    ctx.save_for_backward(inputs.pop("pred"), inputs.pop("target"))
+    ctx.options = inputs  # mode, box_format, eps
+
+
+def _backward_iou(ctx, grad):
     """The variant's gradient is the loss gradient with l1_weight=0, iou_weight=-1."""
+    pred, target = ctx.saved_tensors
+    target_grad = ctx.needs_grad["target"]
+    grad_pred, grad_target, _ = first_order_only(
+        "box_iou",
+        lambda: box_loss_backward(grad, pred, target, None, target_grad=target_grad, weight_grad=False,
+                                  l1_weight=0.0, iou_weight=-1.0, reduction="none", avg_factor=None, **ctx.options),
+        grad, pred, target,
+    )  # fmt: skip
+    return {"pred": grad_pred, "target": grad_target if target_grad else None}
 
-    @staticmethod
-    def forward(ctx, pred, target, mode, box_format, eps):
-        ctx.save_for_backward(pred, target)
-        ctx.params = (mode, box_format, eps)
-        return torch.ops.pyfast.box_iou(pred, target, mode, box_format, eps)
 
-    @staticmethod
-    def backward(ctx, grad):
-        pred, target = ctx.saved_tensors
-        mode, box_format, eps = ctx.params
-        grad_pred, grad_target, _ = torch.ops.pyfast.box_loss_backward(
-            grad, pred, target, None, mode, box_format, 0.0, -1.0, eps, REDUCTIONS["none"], None,
-            ctx.needs_input_grad[1], False,
-        )  # fmt: skip
-        return grad_pred, (grad_target if ctx.needs_input_grad[1] else None), None, None, None
+register_autograd(box_iou_op, _backward_iou, setup_context=_setup_iou)
+
+
+# ---- the public functions ----
 
 
 def _promote(pred, target):
@@ -224,44 +278,29 @@ def box_loss(
     avg_factor=None,
     eps: float = 1e-7,
 ) -> torch.Tensor:
-    """Fused L1 + (1 - IoU variant) loss of paired boxes; see DESIGN.md for the exact contract.
+    """Fused L1 + (1 - IoU variant) loss of paired boxes.
 
     pred, target: (N, 4) float tensors on one device. mode: iou|giou|diou|ciou. box_format:
     xyxy|cxcywh (the IoU term always works on xyxy; the L1 term on the given coordinates).
-    weight: optional (N,) per-box weights. reduction: none -> (N,), sum, or mean = sum / (avg_factor
-    or N). The loss is float32 for half inputs (float64 for float64); gradients come back in the
-    input dtype. A NaN or Inf coordinate gives a NaN loss.
+    weight: (N,) per box, or (N, 4) per coordinate (mmdet's bbox weights: coordinate k's |p_k - t_k|
+    weighted by w_k in the L1 term, the IoU term by mean_k w_k). reduction: none -> (N,), sum, or
+    mean = sum / (avg_factor or N); avg_factor (a number > 0 or a one-element tensor) is for "mean"
+    only. The loss is float32 for half inputs (float64 for float64); gradients come back in the input
+    dtype. No NaN for finite input; a NaN or Inf coordinate gives a NaN loss.
     """
     pred, target = _promote(pred, target)
     if weight is not None:
         check_tensor("weight", weight)
-    _check_boxes(pred, target, weight)
-    mode_code = MODES[check_choice("mode", mode, MODES)]
-    format_code = FORMATS[check_choice("box_format", box_format, FORMATS)]
-    reduction_code = REDUCTIONS[check_choice("reduction", reduction, REDUCTIONS)]
-    l1_weight = check_number("l1_weight", l1_weight)
-    iou_weight = check_number("iou_weight", iou_weight)
-    eps = check_number("eps", eps, minimum=0.0)
-    avg_factor = check_avg_factor(avg_factor)
-
-    if not _native.use_native(pred.device.type):
-        return reference.box_loss_reference(
-            pred, target, mode=mode, box_format=box_format, l1_weight=l1_weight, iou_weight=iou_weight,
-            weight=weight, reduction=reduction, avg_factor=avg_factor, eps=eps,
-        )  # fmt: skip
-    if weight is not None:
-        weight = weight.to(acc_dtype(pred.dtype))
-    # A tensor avg_factor divides on the device afterwards: no .item(), no host sync.
-    tensor_divisor = avg_factor if isinstance(avg_factor, torch.Tensor) else None
-    if tensor_divisor is not None and reduction_code == REDUCTIONS["mean"]:
-        reduction_code, avg_factor = REDUCTIONS["sum"], None
-    loss = _BoxLossFunction.apply(
-        pred.contiguous(), target.contiguous(), weight, mode_code, format_code, l1_weight, iou_weight, eps,
-        reduction_code, avg_factor,
+        if weight.is_floating_point():
+            weight = weight.to(acc_dtype(pred.dtype))
+    reduction, avg_factor, divisor = reduction_args(reduction, avg_factor)
+    loss = box_loss_forward(
+        pred, target, weight, mode=check_choice("mode", mode, MODES),
+        box_format=check_choice("box_format", box_format, FORMATS), l1_weight=check_number("l1_weight", l1_weight),
+        iou_weight=check_number("iou_weight", iou_weight), eps=check_number("eps", eps, minimum=0.0),
+        reduction=reduction, avg_factor=avg_factor,
     )  # fmt: skip
-    if tensor_divisor is not None and reduction == "mean":
-        loss = loss / tensor_divisor
-    return loss
+    return loss if divisor is None else divide_by_avg_factor(loss, divisor)
 
 
 def box_iou(
@@ -269,10 +308,40 @@ def box_iou(
 ) -> torch.Tensor:
     """Paired IoU variant (N,) of pred[i] and target[i]: iou, giou, diou or ciou (differentiable)."""
     pred, target = _promote(pred, target)
-    _check_boxes(pred, target, None)
-    mode_code = MODES[check_choice("mode", mode, MODES)]
-    format_code = FORMATS[check_choice("box_format", box_format, FORMATS)]
-    eps = check_number("eps", eps, minimum=0.0)
-    if not _native.use_native(pred.device.type):
-        return reference.box_iou_reference(pred, target, mode=mode, box_format=box_format, eps=eps)
-    return _BoxIoUFunction.apply(pred.contiguous(), target.contiguous(), mode_code, format_code, eps)
+    return box_iou_op(
+        pred, target, mode=check_choice("mode", mode, MODES),
+        box_format=check_choice("box_format", box_format, FORMATS), eps=check_number("eps", eps, minimum=0.0),
+    )  # fmt: skip
+
+
+class BoxLoss(torch.nn.Module):
+    """pyfast.box_loss as a module: the options at construction, then
+    `loss_fn(pred, target, weight=None, avg_factor=None)`."""
+
+    def __init__(
+        self,
+        mode: str = "giou",
+        box_format: str = "xyxy",
+        l1_weight: float = 1.0,
+        iou_weight: float = 1.0,
+        reduction: str = "mean",
+        eps: float = 1e-7,
+    ) -> None:
+        super().__init__()
+        self.mode = check_choice("mode", mode, MODES)
+        self.box_format = check_choice("box_format", box_format, FORMATS)
+        self.l1_weight = check_number("l1_weight", l1_weight)
+        self.iou_weight = check_number("iou_weight", iou_weight)
+        self.reduction = check_choice("reduction", reduction, ("none", "sum", "mean"))
+        self.eps = check_number("eps", eps, minimum=0.0)
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                avg_factor=None) -> torch.Tensor:  # fmt: skip
+        return box_loss(
+            pred, target, mode=self.mode, box_format=self.box_format, l1_weight=self.l1_weight,
+            iou_weight=self.iou_weight, weight=weight, reduction=self.reduction, avg_factor=avg_factor, eps=self.eps,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return (f"mode={self.mode!r}, box_format={self.box_format!r}, l1_weight={self.l1_weight}, "
+                f"iou_weight={self.iou_weight}, reduction={self.reduction!r}, eps={self.eps}")  # fmt: skip

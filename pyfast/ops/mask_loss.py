@@ -1,15 +1,23 @@
-"""pyfast.mask_loss and pyfast.mask_iou: the fused BCE + dice + focal mask loss.
+"""pyfast.mask_loss, pyfast.mask_iou and pyfast.MaskLoss: the fused BCE + dice + focal mask loss.
 
-Layering as in box_loss: the public functions check and normalize their arguments, then call an
-autograd.Function whose forward and backward are the torch.library ops `pyfast::mask_loss_forward`
-and `pyfast::mask_loss_backward`. The forward returns the loss and five sums per mask (the only
-thing saved besides the inputs); the backward recomputes the per-element terms from the inputs.
+Three torch.library ops, written as every pyfast op is (pyfast/ops/_library.py):
 
-Targets: bool and uint8 masks go to the kernels as bytes (a quarter of float32's traffic) and
-are binary, any non-zero byte being foreground. Float (soft) targets are read in their own dtype
-when it is the logits' dtype, or float32 with half/bfloat16 logits; any other float dtype is
-converted to the logits' accumulation dtype (float32, float64 for float64 logits) first.
-Gradients flow to the logits only: targets that require grad are rejected (detach them).
+    pyfast::mask_loss_forward(logits, targets, <options>, reduction, avg_factor) -> (loss, sums)
+    pyfast::mask_loss_backward(grad, logits, targets, sums, <options>, reduction, avg_factor) -> grad_logits
+    pyfast::mask_iou(logits, targets, threshold) -> iou          (no gradient)
+
+<options> (MASK_OPTIONS) pass through by name into pyfast._C's MaskLossOptions. The forward returns
+the loss and a few sums per mask (the only thing saved besides the inputs); the backward recomputes
+the per-element terms from the inputs.
+
+Targets: bool and uint8 masks go to the kernels as bytes (a quarter of float32's traffic) and are
+binary, any non-zero byte being foreground. Float (soft) targets are probabilities in [0, 1], read in
+their own dtype when it is the logits' dtype, or float32 with half/bfloat16 logits; any other float
+dtype is converted to the logits' accumulation dtype first. A float target outside [0, 1] (a 0/255
+mask passed as float, a negative value) gives no valid loss: the CPU ops raise (the kernels count
+such targets for free); the CUDA ops give those masks a NaN loss and IoU, and raise too under
+PYFAST_CHECKED=1 (which costs a host sync). Gradients flow to the logits only: targets that require
+grad are rejected (detach them).
 """
 
 from __future__ import annotations
@@ -21,38 +29,28 @@ import torch
 from pyfast import _native
 from pyfast.ops import reference
 from pyfast.ops._checks import (
-    REDUCTIONS,
     acc_dtype,
-    check_avg_factor,
-    check_choice,
     check_float_tensor,
     check_number,
     check_same_device,
     check_tensor,
-    mean_scale,
+    divide_by_avg_factor,
+    reduction_args,
 )
-from pyfast.ops._library import LIB, impl_cpu_cuda
+from pyfast.ops._library import define, first_order_only, register_autograd
 
-# Must match csrc/mask_loss/mask_loss_math.h.
-_NO_FOCAL, _FOCAL_GAMMA2, _FOCAL_GENERAL = 0, 1, 2
-_TARGET_UINT8 = 4
-_NUM_SUMS = 5
+MASK_OPTIONS = "float bce_weight, float dice_weight, float focal_weight, float alpha, float gamma, float smooth"
+REDUCTION = "str reduction, float? avg_factor"
+NUM_SUMS = len(reference.MASK_SUMS)
+_BAD_TARGETS = reference.MASK_SUMS.index("bad_targets")
 _FLOAT_TARGETS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-LIB.define(
-    "mask_loss_forward(Tensor logits, Tensor targets, float bce_weight, float dice_weight, float focal_weight, "
-    "float alpha, float gamma, float smooth, int reduction, float? avg_factor) -> (Tensor, Tensor)"
-)
-LIB.define(
-    "mask_loss_backward(Tensor grad, Tensor logits, Tensor targets, Tensor sums, float bce_weight, "
-    "float dice_weight, float focal_weight, float alpha, float gamma, float smooth, int reduction, "
-    "float? avg_factor) -> Tensor"
-)
-LIB.define("mask_iou(Tensor logits, Tensor targets, float threshold) -> Tensor")
+
+# ---- checks and conversions shared by the kernels and the fakes ----
 
 
 def _check_masks(logits, targets) -> tuple[int, int]:
-    """Everything a pointer needs before it crosses into C++; returns (N, M)."""
+    """Everything an address needs before it crosses into C++; returns (N, M)."""
     check_float_tensor("logits", logits)
     check_tensor("targets", targets)
     if logits.dim() == 0:
@@ -68,162 +66,207 @@ def _check_masks(logits, targets) -> tuple[int, int]:
     return n, m
 
 
-def _kernel_targets(targets: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
-    """Targets as the kernels read them, and their type code."""
-    if targets.dtype == torch.bool:
-        return targets.contiguous().view(torch.uint8), _TARGET_UINT8
-    if targets.dtype == torch.uint8:
-        return targets.contiguous(), _TARGET_UINT8
-    if targets.dtype == dtype or (targets.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16)):
-        return targets.contiguous(), _native.DTYPE_CODES[targets.dtype]
-    acc = acc_dtype(dtype)
-    return targets.to(acc).contiguous(), _native.DTYPE_CODES[acc]
+def _read_as(targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Targets in a dtype the kernels read for `dtype` logits (bool stays bool: a free byte view)."""
+    if targets.dtype in (torch.bool, torch.uint8) or targets.dtype == dtype:
+        return targets
+    if targets.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16):
+        return targets
+    return targets.to(acc_dtype(dtype))
 
 
-def _focal_mode(focal_weight: float, gamma: float) -> int:
-    if focal_weight == 0.0:
-        return _NO_FOCAL
-    return _FOCAL_GAMMA2 if gamma == 2.0 else _FOCAL_GENERAL
+def _kernel_targets(targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    targets = _read_as(targets, dtype).contiguous()
+    return targets.view(torch.uint8) if targets.dtype == torch.bool else targets
 
 
+def _check_target_range(targets: torch.Tensor, bad_masks: int | None, bad_per_mask) -> None:
+    """Raises for float targets outside [0, 1]. bad_masks: how many masks have one where that is
+    known for free (the CPU kernels count them), else None: on CUDA, counting is a host sync, done
+    only under PYFAST_CHECKED=1 with bad_per_mask() (a per-mask count); those masks' loss and IoU
+    are NaN either way."""
+    if bad_masks is None:
+        if not _native.checked():
+            return
+        bad_masks = int((bad_per_mask() > 0).sum())
+    if bad_masks:
+        low, high = (float(v) for v in targets.aminmax())
+        raise ValueError(
+            f"targets are float but outside [0, 1] (min {low:g}, max {high:g}) in {bad_masks} of "
+            f"{targets.shape[0]} masks: float targets are probabilities. Pass a 0/1 or 0/255 mask as bool "
+            "or uint8 (any non-zero byte is foreground), or divide it by 255."
+        )
 
-def _kernel_args(logits, targets, bce_weight, dice_weight, focal_weight, alpha, gamma, smooth):
+
+def _bad_per_mask(targets: torch.Tensor) -> torch.Tensor:
+    return reference.bad_target_counts(targets.reshape(targets.shape[0], -1))
+
+
+def _check_targets_with_torch(targets: torch.Tensor) -> None:
+    """The reference kernels' range check, computed with torch (for free on CPU only)."""
+    if not targets.is_floating_point():
+        return
+    on_cpu = targets.device.type == "cpu"
+    bad_masks = int((_bad_per_mask(targets) > 0).sum()) if on_cpu else None
+    _check_target_range(targets, bad_masks, lambda: _bad_per_mask(targets))
+
+
+# ---- pyfast::mask_loss_forward ----
+
+
+def _forward_native(logits, targets, *, reduction, avg_factor, **options):
     n, m = _check_masks(logits, targets)
-    logits = logits.contiguous()
-    targets, target_code = _kernel_targets(targets, logits.dtype)
-    args = (
-        n, m, _native.DTYPE_CODES[logits.dtype], target_code, _focal_mode(focal_weight, gamma),
-        bce_weight, dice_weight, focal_weight, alpha, gamma, smooth,
-    )  # fmt: skip
-    return logits, targets, args
-
-
-def _workspace(n: int, m: int, logits: torch.Tensor) -> torch.Tensor:
-    size = _native._C.mask_loss_cuda_workspace(n, m)
-    return torch.empty(size, dtype=acc_dtype(logits.dtype), device=logits.device)
-
-
-@impl_cpu_cuda("mask_loss_forward")
-def _mask_loss_forward(
-    logits, targets, bce_weight, dice_weight, focal_weight, alpha, gamma, smooth, reduction, avg_factor
-):
-    logits, targets, args = _kernel_args(logits, targets, bce_weight, dice_weight, focal_weight, alpha, gamma, smooth)
-    n, m = args[0], args[1]
+    logits, targets = logits.contiguous(), _kernel_targets(targets, logits.dtype)
     acc = acc_dtype(logits.dtype)
-    reduce = reduction != REDUCTIONS["none"]
-    out = logits.new_empty(() if reduce else (n,), dtype=acc)
-    sums = logits.new_empty((n, _NUM_SUMS), dtype=acc)
-    ptrs = (logits.data_ptr(), targets.data_ptr(), sums.data_ptr(), out.data_ptr())
-    scale = mean_scale(n, reduction, avg_factor)
-    if logits.is_cuda:
-        workspace = _workspace(n, m, logits)
-        with torch.cuda.device(logits.device):
-            _native._C.mask_loss_forward_cuda(
-                *args, *ptrs, reduce, scale, workspace.data_ptr(), _native.cuda_stream(logits.device)
-            )
-    else:
-        _native._C.mask_loss_forward_cpu(*args, *ptrs, reduce, scale, _native.num_threads())
+    out = logits.new_empty(() if reduction != "none" else (n,), dtype=acc)
+    sums = logits.new_empty((n, NUM_SUMS), dtype=acc)
+    bad_masks = _native.launch(
+        "mask_loss_forward", logits.device, options=options, n=n, m=m, dtype=_native.DTYPES[logits.dtype],
+        target_dtype=_native.DTYPES[targets.dtype], logits=logits, targets=targets, reduction=reduction,
+        avg_factor=avg_factor or 0.0, sums=sums, out=out,
+    )  # fmt: skip
+    _check_target_range(targets, bad_masks, lambda: sums[:, _BAD_TARGETS])
     return out, sums
 
 
-@impl_cpu_cuda("mask_loss_backward")
-def _mask_loss_backward(
-    grad, logits, targets, sums, bce_weight, dice_weight, focal_weight, alpha, gamma, smooth, reduction, avg_factor
-):
-    shape = logits.shape
-    logits, targets, args = _kernel_args(logits, targets, bce_weight, dice_weight, focal_weight, alpha, gamma, smooth)
-    n, m = args[0], args[1]
+def _forward_reference(logits, targets, *, reduction, avg_factor, **options):
+    _check_masks(logits, targets)
+    sums = reference.mask_sums_reference(
+        logits, targets, alpha=options["alpha"], gamma=options["gamma"], focal_weight=options["focal_weight"]
+    ).to(acc_dtype(logits.dtype))
+    _check_targets_with_torch(targets)
+    loss = reference.mask_loss_reference(logits, targets, reduction=reduction, avg_factor=avg_factor, **options)
+    return loss, sums
+
+
+def _forward_fake(logits, targets, *, reduction, avg_factor, **options):
+    n, _ = _check_masks(logits, targets)
     acc = acc_dtype(logits.dtype)
-    grad = grad.to(device=logits.device, dtype=acc).contiguous()
-    grad_is_scalar = reduction != REDUCTIONS["none"]
-    if grad.numel() != (1 if grad_is_scalar else n):
-        raise ValueError(f"grad must have {1 if grad_is_scalar else n} elements, got {grad.numel()}")
-    if sums.shape != (n, _NUM_SUMS) or sums.dtype != acc:
-        raise ValueError(f"sums must be a ({n}, {_NUM_SUMS}) {acc} tensor, got {tuple(sums.shape)} {sums.dtype}")
+    return logits.new_empty(() if reduction != "none" else (n,), dtype=acc), logits.new_empty((n, NUM_SUMS), dtype=acc)
+
+
+mask_loss_forward = define(
+    f"mask_loss_forward(Tensor logits, Tensor targets, {MASK_OPTIONS}, {REDUCTION}) -> (Tensor, Tensor)",
+    native=_forward_native, reference=_forward_reference, fake=_forward_fake,
+)  # fmt: skip
+
+
+# ---- pyfast::mask_loss_backward ----
+
+
+def _check_backward(grad, logits, sums, n, reduction) -> None:
+    expected = 1 if reduction != "none" else n
+    if grad.numel() != expected:
+        raise ValueError(f"grad must have {expected} elements, got {grad.numel()}")
+    acc = acc_dtype(logits.dtype)
+    if sums.shape != (n, NUM_SUMS) or sums.dtype != acc:
+        raise ValueError(f"sums must be a ({n}, {NUM_SUMS}) {acc} tensor, got {tuple(sums.shape)} {sums.dtype}")
     check_same_device("sums", sums, "logits", logits)
-    sums = sums.contiguous()
+
+
+def _backward_native(grad, logits, targets, sums, *, reduction, avg_factor, **options):
+    n, m = _check_masks(logits, targets)
+    _check_backward(grad, logits, sums, n, reduction)
+    shape = logits.shape
+    logits, targets = logits.contiguous(), _kernel_targets(targets, logits.dtype)
+    grad = grad.to(device=logits.device, dtype=acc_dtype(logits.dtype)).contiguous()
     grad_logits = torch.empty(shape, dtype=logits.dtype, device=logits.device)
-    ptrs = (
-        grad.data_ptr(), grad_is_scalar, mean_scale(n, reduction, avg_factor),
-        logits.data_ptr(), targets.data_ptr(), sums.data_ptr(), grad_logits.data_ptr(),
+    _native.launch(
+        "mask_loss_backward", logits.device, options=options, n=n, m=m, dtype=_native.DTYPES[logits.dtype],
+        target_dtype=_native.DTYPES[targets.dtype], logits=logits, targets=targets, sums=sums.contiguous(),
+        reduction=reduction, avg_factor=avg_factor or 0.0, grad_out=grad, grad_logits=grad_logits,
     )  # fmt: skip
-    if logits.is_cuda:
-        workspace = _workspace(n, m, logits)
-        with torch.cuda.device(logits.device):
-            _native._C.mask_loss_backward_cuda(
-                *args, *ptrs, workspace.data_ptr(), _native.cuda_stream(logits.device)
-            )
-    else:
-        _native._C.mask_loss_backward_cpu(*args, *ptrs, _native.num_threads())
     return grad_logits
 
 
-@impl_cpu_cuda("mask_iou")
-def _mask_iou(logits, targets, threshold):
-    logits, targets, args = _kernel_args(logits, targets, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-    n, m = args[0], args[1]
-    iou = logits.new_empty((n,), dtype=acc_dtype(logits.dtype))
-    if logits.is_cuda:
-        workspace = _workspace(n, m, logits)
-        with torch.cuda.device(logits.device):
-            _native._C.mask_iou_cuda(
-                n, m, args[2], args[3], threshold, logits.data_ptr(), targets.data_ptr(), iou.data_ptr(),
-                workspace.data_ptr(), _native.cuda_stream(logits.device),
-            )  # fmt: skip
-    else:
-        _native._C.mask_iou_cpu(
-            n, m, args[2], args[3], threshold, logits.data_ptr(), targets.data_ptr(), iou.data_ptr(),
-            _native.num_threads(),
-        )  # fmt: skip
-    return iou
+def _backward_reference(grad, logits, targets, sums, *, reduction, avg_factor, **options):
+    n, _ = _check_masks(logits, targets)
+    _check_backward(grad, logits, sums, n, reduction)
+    with torch.enable_grad():
+        x = logits.detach().requires_grad_()
+        loss = reference.mask_loss_reference(x, targets, reduction=reduction, avg_factor=avg_factor, **options)
+        (grad_logits,) = torch.autograd.grad(loss, x, grad.reshape(loss.shape).to(loss.dtype))
+    return grad_logits.to(logits.dtype)
 
 
-@torch.library.register_fake("pyfast::mask_loss_forward")
-def _mask_loss_forward_fake(
-    logits, targets, bce_weight, dice_weight, focal_weight, alpha, gamma, smooth, reduction, avg_factor
-):
-    acc = acc_dtype(logits.dtype)
-    n = logits.shape[0]
-    out = logits.new_empty(() if reduction != REDUCTIONS["none"] else (n,), dtype=acc)
-    return out, logits.new_empty((n, _NUM_SUMS), dtype=acc)
-
-
-@torch.library.register_fake("pyfast::mask_loss_backward")
-def _mask_loss_backward_fake(
-    grad, logits, targets, sums, bce_weight, dice_weight, focal_weight, alpha, gamma, smooth, reduction, avg_factor
-):
+def _backward_fake(grad, logits, targets, sums, *, reduction, avg_factor, **options):
+    _check_masks(logits, targets)
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
-@torch.library.register_fake("pyfast::mask_iou")
-def _mask_iou_fake(logits, targets, threshold):
-    return logits.new_empty((logits.shape[0],), dtype=acc_dtype(logits.dtype))
+mask_loss_backward = define(
+    f"mask_loss_backward(Tensor grad, Tensor logits, Tensor targets, Tensor sums, {MASK_OPTIONS}, {REDUCTION})"
+    " -> Tensor",
+    native=_backward_native, reference=_backward_reference, fake=_backward_fake, differentiable=False,
+)  # fmt: skip
 
 
-class _MaskLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, targets, bce_weight, dice_weight, focal_weight, alpha, gamma, smooth, reduction, avg_factor):
-        params = (bce_weight, dice_weight, focal_weight, alpha, gamma, smooth, reduction, avg_factor)
-        loss, sums = torch.ops.pyfast.mask_loss_forward(logits, targets, *params)
-        ctx.save_for_backward(logits, targets, sums)
-        ctx.params = params
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad):
-        logits, targets, sums = ctx.saved_tensors
-        grad_logits = None
-        if ctx.needs_input_grad[0]:
-            grad_logits = torch.ops.pyfast.mask_loss_backward(grad, logits, targets, sums, *ctx.params)
-        return (grad_logits,) + (None,) * 9
-
-
-def _check_targets_grad(targets: torch.Tensor) -> None:
+def _setup_loss(ctx, inputs, output):
+    logits, targets = inputs.pop("logits"), inputs.pop("targets")
     if targets.requires_grad:
         raise ValueError(
-            "targets requires grad, but mask_loss differentiates with respect to logits only; "
-            "pass targets.detach()"
+            "targets requires grad, but mask_loss differentiates with respect to logits only; pass targets.detach()"
         )
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(logits, targets, output[1])
+    ctx.options = inputs  # the options, the reduction and avg_factor, by name
+
+
+def _backward_loss(ctx, grad, _grad_sums):
+    logits, targets, sums = ctx.saved_tensors
+    grad_logits = first_order_only(
+        "mask_loss", lambda: mask_loss_backward(grad, logits, targets, sums, **ctx.options), grad, logits
+    )
+    return {"logits": grad_logits}
+
+
+register_autograd(mask_loss_forward, _backward_loss, setup_context=_setup_loss)
+
+
+# ---- pyfast::mask_iou ----
+
+
+def _iou_native(logits, targets, *, threshold):
+    n, m = _check_masks(logits, targets)
+    logits, targets = logits.contiguous(), _kernel_targets(targets, logits.dtype)
+    iou = logits.new_empty((n,), dtype=acc_dtype(logits.dtype))
+    bad_masks = _native.launch(
+        "mask_iou", logits.device, n=n, m=m, dtype=_native.DTYPES[logits.dtype],
+        target_dtype=_native.DTYPES[targets.dtype], logits=logits, targets=targets, threshold=threshold, iou=iou,
+    )  # fmt: skip
+    _check_target_range(targets, bad_masks, lambda: _bad_per_mask(targets))
+    return iou
+
+
+def _iou_reference(logits, targets, *, threshold):
+    _check_masks(logits, targets)
+    _check_targets_with_torch(targets)
+    return reference.mask_iou_reference(logits, targets, threshold)
+
+
+def _iou_fake(logits, targets, *, threshold):
+    n, _ = _check_masks(logits, targets)
+    return logits.new_empty((n,), dtype=acc_dtype(logits.dtype))
+
+
+mask_iou_op = define(
+    "mask_iou(Tensor logits, Tensor targets, float threshold) -> Tensor",
+    native=_iou_native, reference=_iou_reference, fake=_iou_fake, differentiable=False,
+)  # fmt: skip
+
+
+# ---- the public functions ----
+
+
+def _check_options(bce_weight, dice_weight, focal_weight, alpha, gamma, smooth) -> dict:
+    alpha = check_number("alpha", alpha)
+    if alpha > 1.0:
+        raise ValueError(f"alpha must be in [0, 1] (or negative to disable it), got {alpha}")
+    return dict(
+        bce_weight=check_number("bce_weight", bce_weight), dice_weight=check_number("dice_weight", dice_weight),
+        focal_weight=check_number("focal_weight", focal_weight), alpha=alpha,
+        gamma=check_number("gamma", gamma, minimum=0.0), smooth=check_number("smooth", smooth, positive=True),
+    )  # fmt: skip
 
 
 def mask_loss(
@@ -239,57 +282,83 @@ def mask_loss(
     reduction: str = "mean",
     avg_factor=None,
 ) -> torch.Tensor:
-    """Fused BCE + dice + focal loss of N masks; see DESIGN.md for the exact contract.
+    """Fused BCE + dice + focal loss of N masks.
 
     logits: (N, ...) float16/bfloat16/float32/float64; targets: the same shape, bool/uint8
     (binary: non-zero is foreground) or float in [0, 1] (soft). Each mask's M elements give
     loss_i = bce_weight * mean(ce) + dice_weight * dice + focal_weight * mean(focal), with alpha < 0
     disabling the focal class weighting. reduction: none -> (N,), sum, or mean = sum / (avg_factor
-    or N). The loss is float32 for half logits (float64 for float64); the gradient comes back in
-    the logits' dtype. A NaN logit gives a NaN loss.
+    or N); avg_factor (a number > 0 or a one-element tensor) is for "mean" only. The loss is float32
+    for half logits (float64 for float64); the gradient comes back in the logits' dtype. A NaN logit
+    gives a NaN loss; float targets outside [0, 1] raise (NaN for those masks on CUDA, see the module).
     """
-    _check_masks(logits, targets)
-    _check_targets_grad(targets)
-    bce_weight = check_number("bce_weight", bce_weight)
-    dice_weight = check_number("dice_weight", dice_weight)
-    focal_weight = check_number("focal_weight", focal_weight)
-    alpha = check_number("alpha", alpha)
-    if alpha > 1.0:
-        raise ValueError(f"alpha must be in [0, 1] (or negative to disable it), got {alpha}")
-    gamma = check_number("gamma", gamma, minimum=0.0)
-    smooth = check_number("smooth", smooth, positive=True)
-    reduction_code = REDUCTIONS[check_choice("reduction", reduction, REDUCTIONS)]
-    avg_factor = check_avg_factor(avg_factor)
-
-    if not _native.use_native(logits.device.type):
-        return reference.mask_loss_reference(
-            logits, targets, bce_weight=bce_weight, dice_weight=dice_weight, focal_weight=focal_weight,
-            alpha=alpha, gamma=gamma, smooth=smooth, reduction=reduction, avg_factor=avg_factor,
-        )  # fmt: skip
-    # Convert float targets once here rather than in both the forward and the backward op.
-    kernel_targets, _ = _kernel_targets(targets, logits.dtype)
-    # A tensor avg_factor divides on the device afterwards: no .item(), no host sync.
-    tensor_divisor = avg_factor if isinstance(avg_factor, torch.Tensor) else None
-    if tensor_divisor is not None and reduction_code == REDUCTIONS["mean"]:
-        reduction_code, avg_factor = REDUCTIONS["sum"], None
-    loss = _MaskLossFunction.apply(
-        logits.contiguous(), kernel_targets, bce_weight, dice_weight, focal_weight, alpha, gamma, smooth,
-        reduction_code, avg_factor,
-    )  # fmt: skip
-    if tensor_divisor is not None and reduction == "mean":
-        loss = loss / tensor_divisor
-    return loss
+    check_float_tensor("logits", logits)
+    check_tensor("targets", targets)
+    if targets.requires_grad:
+        raise ValueError(
+            "targets requires grad, but mask_loss differentiates with respect to logits only; pass targets.detach()"
+        )
+    options = _check_options(bce_weight, dice_weight, focal_weight, alpha, gamma, smooth)
+    reduction, avg_factor, divisor = reduction_args(reduction, avg_factor)
+    # Float targets in another dtype are converted once here, not in both the forward and the backward.
+    if targets.dtype in _FLOAT_TARGETS:
+        targets = _read_as(targets, logits.dtype)
+    loss, _ = mask_loss_forward(logits, targets, **options, reduction=reduction, avg_factor=avg_factor)
+    return loss if divisor is None else divide_by_avg_factor(loss, divisor)
 
 
 def mask_iou(logits: torch.Tensor, targets: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
     """IoU (N,) of each mask's prediction `logits > threshold` with its target (no gradient).
 
     |x > threshold AND t| / max(|x > threshold OR t|, 1); soft targets use the fuzzy (min/max)
-    intersection and union. NaN when a mask has a NaN logit. float32 (float64 for float64 logits).
+    intersection and union. NaN when a mask has a NaN logit; float targets outside [0, 1] raise
+    (NaN for those masks on CUDA). float32 (float64 for float64 logits).
     """
-    _check_masks(logits, targets)
+    check_float_tensor("logits", logits)
+    check_tensor("targets", targets)
     threshold = check_number("threshold", threshold)
-    if not _native.use_native(logits.device.type):
-        return reference.mask_iou_reference(logits, targets, threshold)
     with torch.no_grad():
-        return torch.ops.pyfast.mask_iou(logits.detach(), targets.detach(), threshold)
+        return mask_iou_op(logits.detach(), targets.detach(), threshold=threshold)
+
+
+class MaskLoss(torch.nn.Module):
+    """pyfast.mask_loss as a module: the options at construction, then
+    `loss_fn(logits, targets, weight=None, avg_factor=None)`.
+
+    weight: optional (N,) per-mask weights, applied to the per-mask losses before the reduction
+    (mmdet's convention for a loss module's `weight`).
+    """
+
+    def __init__(
+        self,
+        bce_weight: float = 1.0,
+        dice_weight: float = 1.0,
+        focal_weight: float = 0.0,
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+        smooth: float = 1.0,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__()
+        self.options = _check_options(bce_weight, dice_weight, focal_weight, alpha, gamma, smooth)
+        self.reduction = reduction_args(reduction, None)[0]
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None,
+                avg_factor=None) -> torch.Tensor:  # fmt: skip
+        if weight is None:
+            return mask_loss(logits, targets, reduction=self.reduction, avg_factor=avg_factor, **self.options)
+        check_float_tensor("weight", weight)
+        if weight.shape != logits.shape[:1]:
+            raise ValueError(f"weight must have shape ({logits.shape[0]},), got {tuple(weight.shape)}")
+        per_mask = mask_loss(logits, targets, reduction="none", **self.options) * weight
+        reduction, number, divisor = reduction_args(self.reduction, avg_factor)
+        if reduction == "none":
+            return per_mask
+        if divisor is not None:
+            return divide_by_avg_factor(per_mask.sum(), divisor)
+        if reduction == "sum":
+            return per_mask.sum()
+        return per_mask.sum() / (number if number is not None else max(per_mask.shape[0], 1))
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.options.items()) + f", reduction={self.reduction!r}"

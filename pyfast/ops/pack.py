@@ -20,11 +20,9 @@ import torch
 from pyfast import _native
 from pyfast.ops import reference
 from pyfast.ops._checks import check_float_tensor
-from pyfast.ops._library import LIB, impl_cpu_cuda
+from pyfast.ops._library import define
 
 PACK_DTYPES = (torch.float16, torch.bfloat16)
-
-LIB.define("pack_cast(Tensor[] tensors, ScalarType dtype, bool saturate) -> (Tensor, Tensor, Tensor)")
 
 
 def check_pack_inputs(tensors: Sequence[torch.Tensor], dtype, names: Sequence[str] | None = None) -> None:
@@ -39,8 +37,10 @@ def check_pack_inputs(tensors: Sequence[torch.Tensor], dtype, names: Sequence[st
             raise ValueError(f"{label} is on {t.device} but {first} is on {tensors[0].device}; pack one device at a time")
 
 
-@impl_cpu_cuda("pack_cast")
-def _pack_cast(tensors, dtype, saturate):
+# ---- pyfast::pack_cast ----
+
+
+def _pack_native(tensors, *, dtype, saturate):
     check_pack_inputs(tensors, dtype)
     device = tensors[0].device
     # Held in this list until the kernel returns: a temporary's data_ptr() would dangle.
@@ -52,28 +52,25 @@ def _pack_cast(tensors, dtype, saturate):
     absmax = torch.zeros((n,), dtype=torch.float64, device=device)
     rows, offset = [], 0
     for t, numel in zip(sources, numels):
-        rows.append((t.data_ptr(), numel, offset, _native.DTYPE_CODES[t.dtype]))
+        rows.append((t.data_ptr(), numel, offset, int(_native.DTYPES[t.dtype])))
         offset += numel
     table = torch.tensor(rows, dtype=torch.int64)
-    out_code = _native.DTYPE_CODES[dtype]
     if device.type == "cuda":
         # The item table goes up through pinned memory, ordered on the current stream: no sync.
         table = table.pin_memory().to(device, non_blocking=True)
-        with torch.cuda.device(device):
-            _native._C.pack_cuda(
-                table.data_ptr(), n, max(numels), buffer.data_ptr(), out_code, saturate, counts.data_ptr(),
-                absmax.data_ptr(), _native.cuda_stream(device),
-            )  # fmt: skip
-    else:
-        _native._C.pack_cpu(
-            table.data_ptr(), n, buffer.data_ptr(), out_code, saturate, counts.data_ptr(), absmax.data_ptr(),
-            _native.num_threads(),
-        )  # fmt: skip
+    _native.launch(
+        "pack", device, items=table, num_items=n, max_numel=max(numels), out_dtype=_native.DTYPES[dtype],
+        saturate=saturate, dst=buffer, counts=counts, absmax=absmax,
+    )  # fmt: skip
     return buffer, counts, absmax
 
 
-@torch.library.register_fake("pyfast::pack_cast")
-def _pack_cast_fake(tensors, dtype, saturate):
+def _pack_reference(tensors, *, dtype, saturate):
+    check_pack_inputs(tensors, dtype)
+    return reference.pack_reference(tensors, dtype=dtype, saturate=saturate)
+
+
+def _pack_fake(tensors, *, dtype, saturate):
     first = tensors[0]
     total = sum(t.numel() for t in tensors)
     n = len(tensors)
@@ -82,6 +79,12 @@ def _pack_cast_fake(tensors, dtype, saturate):
         first.new_empty((n, 2), dtype=torch.int64),
         first.new_empty((n,), dtype=torch.float64),
     )
+
+
+pack_cast = define(
+    "pack_cast(Tensor[] tensors, ScalarType dtype, bool saturate) -> (Tensor, Tensor, Tensor)",
+    native=_pack_native, reference=_pack_reference, fake=_pack_fake, differentiable=False,
+)  # fmt: skip
 
 
 def pack_buffers(tensors: Sequence[torch.Tensor], dtype: torch.dtype, saturate: bool, names=None):
@@ -95,6 +98,4 @@ def pack_buffers(tensors: Sequence[torch.Tensor], dtype: torch.dtype, saturate: 
             torch.zeros((0, 2), dtype=torch.int64),
             torch.zeros((0,), dtype=torch.float64),
         )
-    if not _native.use_native(tensors[0].device.type):
-        return reference.pack_reference(tensors, dtype=dtype, saturate=saturate)
-    return torch.ops.pyfast.pack_cast(tensors, dtype, saturate)
+    return pack_cast(tensors, dtype=dtype, saturate=saturate)

@@ -12,7 +12,13 @@ import math
 
 import torch
 
-_MODES = ("iou", "giou", "diou", "ciou")
+from pyfast.ops._checks import divide_by_avg_factor
+
+# The names the ops take; pyfast._C's enums carry the same ones (tests/ops/test_native_boundary.py).
+BOX_MODES = ("iou", "giou", "diou", "ciou")
+BOX_FORMATS = ("xyxy", "cxcywh")
+# The per-mask sums of the fused mask loss's forward, in order.
+MASK_SUMS = ("ce", "focal", "pt", "p", "t", "bad_targets")
 
 
 def _acc(x: torch.Tensor) -> torch.Tensor:
@@ -25,8 +31,15 @@ def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
 
 
 def _nonfinite_poison(*boxes: torch.Tensor) -> torch.Tensor:
-    """0 per box for finite coordinates, NaN when any coordinate is NaN or infinite."""
-    return sum((b - b).sum(-1) for b in boxes)
+    """0 per box pair for finite coordinates, NaN when any coordinate is NaN or infinite, in value
+    and in gradient: bad input shows up as NaN instead of being absorbed by a max() or a clamp.
+
+    Written as boxes * (0 or NaN): the simpler `b - b` adds gradients of +1 and -1 that cancel only
+    after absorbing the true ones of large boxes (1e-21 for 1e20-scale coordinates).
+    """
+    finite = torch.stack([torch.isfinite(b).all(-1) for b in boxes]).all(0)
+    factor = torch.where(finite, 0.0, math.nan).to(boxes[0].dtype).unsqueeze(-1)
+    return sum((b * factor).sum(-1) for b in boxes)
 
 
 def _hull_extent(a1, a2, b1, b2):
@@ -81,6 +94,8 @@ def _reduce(loss: torch.Tensor, reduction: str, avg_factor) -> torch.Tensor:
         return total
     if avg_factor is None:
         return total / max(loss.shape[0], 1)
+    if isinstance(avg_factor, torch.Tensor):
+        return divide_by_avg_factor(total, avg_factor)
     return total / avg_factor
 
 
@@ -97,11 +112,18 @@ def box_loss_reference(
     avg_factor=None,
     eps=1e-7,
 ) -> torch.Tensor:
-    """L1 (on the given coordinates) + (1 - IoU variant) per box, weighted and reduced."""
+    """L1 (on the given coordinates) + (1 - IoU variant) per box, weighted and reduced.
+
+    weight: (N,) per box, or (N, 4) per coordinate as mmdet's bbox weights: each |p_k - t_k| of the
+    L1 term is weighted by w_k, the IoU term by mean_k w_k.
+    """
     p, t = _acc(pred), _acc(target)
-    l1 = (p - t).abs().mean(-1)
     variant = box_iou_reference(p, t, mode=mode, box_format=box_format, eps=eps)
-    loss = l1_weight * l1 + iou_weight * (1 - variant)
+    if weight is not None and weight.dim() == 2:
+        w = weight.to(p.dtype)
+        loss = l1_weight * ((p - t).abs() * w).mean(-1) + iou_weight * (1 - variant) * w.mean(-1)
+        return _reduce(loss, reduction, avg_factor)
+    loss = l1_weight * (p - t).abs().mean(-1) + iou_weight * (1 - variant)
     if weight is not None:
         loss = loss * weight.to(loss.dtype)
     return _reduce(loss, reduction, avg_factor)
@@ -119,6 +141,18 @@ def _mask_rows(logits: torch.Tensor, targets: torch.Tensor):
     else:
         t = targets.to(x.dtype)
     return x, t.reshape(x.shape)
+
+
+def bad_target_counts(t: torch.Tensor) -> torch.Tensor:
+    """Per mask, the targets outside [0, 1]: float targets are probabilities, so a mask with one
+    (a 0/255 mask passed as float, a negative value) has no valid loss or IoU. Its loss and IoU
+    are NaN rather than a wrong number."""
+    return ((t < 0) | (t > 1)).sum(-1)
+
+
+def _poison_bad_targets(values: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    # Added as a constant: the gradient of the other masks stays untouched.
+    return values + torch.where(bad_target_counts(t) > 0, math.nan, 0.0).to(values.dtype)
 
 
 def mask_loss_reference(
@@ -147,18 +181,36 @@ def mask_loss_reference(
         one_minus_pt = p * (1 - t) + q * t
         alpha_t = alpha * t + (1 - alpha) * (1 - t) if alpha >= 0 else torch.ones_like(t)
         loss = loss + focal_weight * (one_minus_pt.pow(gamma) * alpha_t * ce).mean(-1)
-    return _reduce(loss, reduction, avg_factor)
+    return _reduce(_poison_bad_targets(loss, t), reduction, avg_factor)
+
+
+@torch.no_grad()
+def mask_sums_reference(logits, targets, *, alpha=0.25, gamma=2.0, focal_weight=0.0) -> torch.Tensor:
+    """The per-mask sums (N, len(MASK_SUMS)) that the fused forward keeps for its backward."""
+    x, t = _mask_rows(logits, targets)
+    p = torch.sigmoid(x)
+    ce = torch.logaddexp(x, torch.zeros_like(x)) - x * t
+    if focal_weight != 0:
+        one_minus_pt = p * (1 - t) + torch.sigmoid(-x) * t
+        alpha_t = alpha * t + (1 - alpha) * (1 - t) if alpha >= 0 else torch.ones_like(t)
+        focal = (one_minus_pt.pow(gamma) * alpha_t * ce).sum(-1)
+    else:
+        focal = torch.zeros_like(ce[:, 0])
+    sums = {"ce": ce.sum(-1), "focal": focal, "pt": (p * t).sum(-1), "p": p.sum(-1), "t": t.sum(-1),
+            "bad_targets": bad_target_counts(t).to(x.dtype)}
+    return torch.stack([sums[name] for name in MASK_SUMS], dim=-1)
 
 
 @torch.no_grad()
 def mask_iou_reference(logits, targets, threshold=0.0) -> torch.Tensor:
-    """|x > threshold AND t| / max(|x > threshold OR t|, 1) per mask; fuzzy min/max for soft t."""
+    """|x > threshold AND t| / max(|x > threshold OR t|, 1) per mask; fuzzy min/max for soft t.
+    NaN for a mask with a NaN logit or a float target outside [0, 1]."""
     x, t = _mask_rows(logits, targets)
     b = (x > threshold).to(x.dtype)
     inter = (b * t).sum(-1)
     union = (b + t - b * t).sum(-1)
     iou = inter / union.clamp(min=1)
-    return torch.where(x.isnan().any(-1), torch.full_like(iou, float("nan")), iou)
+    return torch.where(x.isnan().any(-1) | (bad_target_counts(t) > 0), torch.full_like(iou, float("nan")), iou)
 
 
 def pack_reference(tensors, *, dtype=torch.float16, saturate=False):

@@ -22,6 +22,7 @@ import yaml
 from pyfast._io import atomic_write_text
 from pyfast.data.spec import DEFAULT_MAX_SKIP_FRACTION, parse_data_spec
 
+DEFAULT_IMAGE_SIZE = 128  # without --image-size and a backbone that declares its own
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BOX_LOSS_MODES = ("iou", "giou", "diou", "ciou")
 CACHE_DTYPES = ("fp16", "bf16")
@@ -68,8 +69,11 @@ class TrainConfig:
     synthetic_samples: int = option(512, group="data", minimum=1, metavar="N",
                                     help="samples of the embedded synthetic set used when no --data is given")
     data_seed: int = option(0, group="data", minimum=0, metavar="K", help="seed of the embedded synthetic set")
-    image_size: int = option(128, group="data", minimum=32, metavar="S",
-                             help="square input size: every image is letterboxed to S x S")
+    image_size: Optional[int] = option(None, group="data", minimum=32, metavar="S",
+                                       default_text=f"the backbone's input size, else {DEFAULT_IMAGE_SIZE}",
+                                       help="square input size: every image is letterboxed to S x S. A backbone "
+                                       "that declares its input size (hf: encoders) refuses another, except ViT/DINO "
+                                       "at a multiple of their patch size (position embeddings interpolated)")
     val_fraction: float = option(0.125, group="data", above=0.0, below=1.0, metavar="F",
                                  help="fraction of the samples held out for validation (a fixed split)")
     max_skip_fraction: float = option(DEFAULT_MAX_SKIP_FRACTION, group="data", minimum=0.0, maximum=1.0, metavar="F",
@@ -98,12 +102,30 @@ class TrainConfig:
     device: str = option("auto", group="schedule", metavar="DEVICE", help=f"{DEVICE_FORMS} (auto: cuda when available)")
     seed: int = option(0, group="schedule", minimum=0, metavar="K", help="seed of the heads' init, data order and box noise")
     # ---- model
-    backbone: Optional[str] = option(None, group="model", metavar="MODULE:CALLABLE", default_text="a small seeded conv stack",
+    backbone: Optional[str] = option(None, group="model", metavar="MODULE:CALLABLE|hf:PATH", default_text="a small seeded conv stack",
                                      help="frozen feature extractor: a callable building an nn.Module that maps "
-                                     "(B, 3, S, S) images in [0, 1] to a tensor, tuple or dict of (B, C, h, w) maps")
+                                     "(B, 3, S, S) images in [0, 1] to a tensor, tuple or dict of (B, C, h, w) maps, "
+                                     "or hf:PATH[,layers=A+B][,size=N], a SAM / HQ-SAM / ViT / DINOv2 / DINOv3 model "
+                                     "directory or cached model id (never downloaded)")
+    backbone_weights: Optional[str] = option(None, group="model", metavar="PATH", default_text="the backbone's own",
+                                             help="weights to load into the backbone: .pt/.pth/.bin/.ckpt (Lightning, DDP, "
+                                             "torch.compile), .safetensors, *.index.json or a model directory; every "
+                                             "tensor of the backbone must load, and the load report is printed and kept "
+                                             "in summary.json")
+    backbone_weights_prefix: list = option(factory=list, group="model", metavar="P", default_text="none",
+                                           help="other key prefixes to strip from --backbone-weights (module., "
+                                           "_orig_mod. and model. always are tried)")
+    backbone_weights_key: Optional[str] = option(None, group="model", metavar="KEY", default_text="found by looking",
+                                                 help="where the state dict is in --backbone-weights (a dotted path, "
+                                                 "e.g. ema)")
+    backbone_weights_unsafe_pickle: bool = option(False, group="model",
+                                                  help="read --backbone-weights with torch.load(weights_only=False), for "
+                                                  "a checkpoint that pickles Python objects: runs code from the file, "
+                                                  "only for files you trust")
     feature_maps: list = option(factory=list, group="model", metavar="NAME", default_text="the only map, or the last",
                                 help="the backbone output maps the heads use, by name (a tensor is 'features', a "
-                                "tuple's maps are '0', '1', ...); every map is cached")
+                                "tuple's maps are '0', '1', ...; hf: encoders name theirs after layers=: early, "
+                                "last, layer3); every map is cached")
     roi_size: int = option(14, group="model", minimum=2, metavar="R", help="RoIAlign output size of the heads")
     context: float = option(1.5, group="model", minimum=1.0, metavar="X", help="each box's RoI is widened by this factor")
     hidden: int = option(64, group="model", minimum=1, metavar="C", help="channels of the heads' conv layers")
@@ -146,7 +168,8 @@ class TrainConfig:
     def data_specs(self) -> list:
         """The SourceSpecs to train on: `data`, or the embedded synthetic set at `image_size`."""
         texts = self.data or [
-            f"synthetic:,num_samples={self.synthetic_samples},image_size={self.image_size},seed={self.data_seed}"
+            f"synthetic:,num_samples={self.synthetic_samples},image_size={self.image_size or DEFAULT_IMAGE_SIZE},"
+            f"seed={self.data_seed}"
         ]
         return [parse_data_spec(text) for text in texts]
 

@@ -22,6 +22,8 @@ import signal
 import time
 from typing import Optional
 
+import torch
+
 from pyfast.train.distributed import RankFailed, agreed, everywhere
 from pyfast.train.evaluate import validate
 from pyfast.train.metrics import MetricsLog
@@ -43,7 +45,8 @@ def train(run, *, loss_hook: LossHook = None, progress_bar: Optional[bool] = Non
     world = run.world
     clock = Clock(run, started)
     status, error = "completed", None
-    with GracefulStop(alone=world.size == 1, second_interrupt_raises=not world.launched) as stop:
+    with GracefulStop(alone=world.size == 1, second_interrupt_raises=not world.launched) as stop, \
+            denormals_flushed(run.device):
         try:
             with _metrics_log(run) as metrics:
                 fit(run, metrics, stop, clock, loss_hook, progress_bar)
@@ -87,6 +90,26 @@ def _metrics_log(run):
     if run.world.is_main:
         return MetricsLog(run.paths.metrics, tensorboard_dir=run.paths.tensorboard, log=run.log)
     return contextlib.nullcontext(_NoLog())
+
+
+@contextlib.contextmanager
+def denormals_flushed(device: torch.device):
+    """Float32 subnormals flushed to zero on the CPU while the run trains, as they were afterwards.
+
+    As the heads sharpen, softmax and sigmoid tails fall into float32's subnormal range, where x86
+    arithmetic is many times slower (measured: 0.44 -> 0.05 s/batch warm for --fast). The flush is
+    deterministic, so resumed runs stay exact; it is process-wide, so it is undone when the run ends
+    for the code that called it.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    was_flushing = (torch.full((1,), 1e-39) * 0.5).item() == 0.0  # torch has no getter for it
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(was_flushing)
 
 
 class Clock:

@@ -4,10 +4,11 @@
     run = prepare(config, resume=checkpoint)               # data, backbone + features, model + optimizer
     summary = pyfast.train.loop.train(run)
 
-`prepare` opens the data sources, loads and probes the backbone, builds the heads, optimizer,
-scheduler and scaler, restores a checkpoint when resuming, and checks that the output folders are
-writable, all before creating anything on disk: a start that fails leaves no run directory, and a
-refused `--resume` leaves the run's config.yaml as it was.
+`prepare` loads the backbone and its --backbone-weights (the backbone's input size is the default
+image size), opens the data sources, probes the backbone, builds the heads, optimizer, scheduler
+and scaler, restores a checkpoint when resuming, and checks that the output folders are writable,
+all before creating anything on disk: a start that fails (a weights file that does not fit
+included) leaves no run directory, and a refused `--resume` leaves the run's config.yaml as it was.
 
 With several ranks (`pyfast.train.distributed`) every rank builds and checks the same run; the ranks
 agree that all of them succeeded before rank 0 creates the run directory, and again once it has,
@@ -20,20 +21,23 @@ import contextlib
 import math
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from pyfast import _native
-from pyfast.cache import FeatureCache
+from pyfast.cache import FeatureCache, module_digest
 from pyfast.data import Letterbox, RobustDataset, SkippedSample, SkipTracker, TooManyBadSamples, build_sources, collate
-from pyfast.models import BackboneError, FeatureMap, Refiner, load_backbone, probe
+from pyfast.models import DEFAULT_BACKBONE, BackboneError, FeatureMap, Refiner, load_backbone, probe
+from pyfast.models.weights import WeightsError
 from pyfast.train.checkpoint import CheckpointError, load_checkpoint, load_state_dict_checked, save_checkpoint
-from pyfast.train.config import FIELDS, ConfigError, TrainConfig, build_config, flag_name, save_config
+from pyfast.train.config import (DEFAULT_IMAGE_SIZE, FAST, FIELDS, ConfigError, TrainConfig, build_config, flag_name,
+                                 save_config)
 from pyfast.train.distributed import World, agreed, wrap_model
 from pyfast.train.features import STORE_DTYPES, CachedFeatures, FeatureProvider, feature_fingerprint
 from pyfast.train.guards import NonFiniteGuard
@@ -215,13 +219,76 @@ def build_data(cfg: TrainConfig, device: torch.device, log: Callable[[str], None
 # ----------------------------------------------------------------------------- backbone, features
 
 
-def build_backbone(cfg: TrainConfig, device: torch.device):
-    """The frozen backbone on `device`, every map it returns (probed), and the maps the heads use."""
-    backbone = load_backbone(cfg.backbone).to(device)
-    expected = getattr(backbone, "input_size", None)
-    if expected is not None and int(expected) != cfg.image_size:
-        raise BackboneError(f"backbone {cfg.backbone} expects {expected}x{expected} inputs: set --image-size {expected}")
-    layout = probe(backbone, cfg.image_size, device)
+# pyfast.load_weights' hints in an error message -> the flags that do the same here
+WEIGHTS_FLAGS = {
+    "prefixes=...": "--backbone-weights-prefix P",
+    "state_key=...": "--backbone-weights-key KEY",
+    "pyfast-doctor checkpoint --unsafe-pickle": "--backbone-weights-unsafe-pickle",
+}
+
+
+def load_run_backbone(cfg: TrainConfig, log: Callable[[str], None]) -> nn.Module:
+    """The frozen backbone of --backbone with --backbone-weights loaded into it (on the CPU), and
+    `cfg.image_size` settled from the backbone's input size. A file that cannot be read or does not
+    fit raises WeightsError naming it; nothing is written."""
+    spec = cfg.backbone or DEFAULT_BACKBONE
+    options = {}
+    if cfg.backbone_weights is not None:
+        options = {"prefixes": tuple(cfg.backbone_weights_prefix), "state_key": cfg.backbone_weights_key,
+                   "weights_only": not cfg.backbone_weights_unsafe_pickle}
+    elif cfg.backbone_weights_prefix or cfg.backbone_weights_key or cfg.backbone_weights_unsafe_pickle:
+        raise ConfigError("--backbone-weights-prefix, --backbone-weights-key and --backbone-weights-unsafe-pickle "
+                          "apply to --backbone-weights, which is not set")
+    try:
+        backbone = load_backbone(spec, weights=cfg.backbone_weights, log=log, **options)
+    except WeightsError as error:  # the library's hints, in the words of this command line
+        message = str(error)
+        for library, flag in WEIGHTS_FLAGS.items():
+            message = message.replace(library, flag)
+        raise WeightsError(message, error.report) from None
+    cfg.image_size = settle_image_size(cfg, backbone, spec, log)
+    return backbone
+
+
+def settle_image_size(cfg: TrainConfig, backbone: nn.Module, spec: str, log: Callable[[str], None]) -> int:
+    """--image-size, or the backbone's `input_size` when it is not given (else DEFAULT_IMAGE_SIZE).
+
+    A backbone that declares an input size takes another only where its `check_input_size(size)`
+    allows it (ViT/DINO: a multiple of the patch size, positions interpolated; SAM: never); a
+    backbone without that method takes only its own.
+    """
+    declared = getattr(backbone, "input_size", None)
+    if cfg.image_size is None:
+        return int(declared) if declared is not None else DEFAULT_IMAGE_SIZE
+    if declared is None or int(declared) == cfg.image_size:
+        return cfg.image_size
+    declared = int(declared)
+    by_fast = cfg.fast and cfg.image_size == FAST["image_size"]
+    given = f"--image-size {cfg.image_size}" + (" (set by --fast)" if by_fast else "")
+    fix = f"pass --image-size {declared}" if by_fast else f"leave --image-size out to use its {declared}"
+    check = getattr(backbone, "check_input_size", None)
+    try:
+        if check is None:
+            raise BackboneError(f"it takes only {declared}x{declared} images (its input_size)")
+        note = check(cfg.image_size)
+    except BackboneError as error:
+        raise BackboneError(f"{given}: backbone {spec}: {error}; {fix}") from None
+    log(f"{given} for backbone {spec}, made for {declared}x{declared}" + (f": {note}" if note else ""))
+    return cfg.image_size
+
+
+def build_backbone(cfg: TrainConfig, backbone: nn.Module, device: torch.device):
+    """Every map `backbone` returns at the run's image size (probed on `device`) and the maps the heads use."""
+    spec = cfg.backbone or DEFAULT_BACKBONE
+    try:
+        layout = probe(backbone, cfg.image_size, device)
+    except BackboneError as error:  # named once: an hf: encoder's own messages start with its name
+        named = str(error).startswith(str(getattr(backbone, "name", spec)))
+        raise BackboneError(str(error) if named else f"--backbone {spec}: {error}") from None
+    except Exception as error:  # the extractor's own failure on a blank image: one line, naming it
+        text = (str(error).strip().splitlines() or [""])[0]
+        raise BackboneError(f"--backbone {spec} fails on a {cfg.image_size}x{cfg.image_size} image: "
+                            f"{type(error).__name__}: {text}") from None
     if cfg.feature_maps:
         unknown = [name for name in cfg.feature_maps if name not in layout]
         if unknown:
@@ -230,7 +297,36 @@ def build_backbone(cfg: TrainConfig, device: torch.device):
         use = list(cfg.feature_maps)
     else:
         use = [list(layout)[-1]]
-    return backbone, layout, use
+    return layout, use
+
+
+def describe_backbone(cfg: TrainConfig, backbone: nn.Module, layout: dict[str, FeatureMap], use: list[str]) -> dict:
+    """What summary.json and the checkpoints record of the backbone: what it is, the maps, the
+    weights and their load report, and the digest of its state (what a resumed run must find again)."""
+    report = getattr(backbone, "weights_report", None)
+    inner = getattr(backbone, "model", None)  # an hf: encoder's transformers model
+    return {
+        "spec": cfg.backbone or DEFAULT_BACKBONE,
+        "class": type(inner if isinstance(inner, nn.Module) else backbone).__name__,
+        "input_size": getattr(backbone, "input_size", None),
+        "image_size": cfg.image_size,
+        "maps": {name: {"channels": m.channels, "stride": m.stride, "size": m.size} for name, m in layout.items()},
+        "feature_maps": list(use),
+        "weights": cfg.backbone_weights,
+        "weights_report": report.to_dict() if report is not None else None,
+        "digest": module_digest(backbone),
+    }
+
+
+def backbone_lines(info: dict, report) -> list[str]:
+    """The start-up lines: the backbone and its maps, and how its weights loaded."""
+    maps = ", ".join(f"{name} ({m['channels']} ch, stride {m['stride']})" for name, m in info["maps"].items())
+    kind = "" if info["spec"].endswith(info["class"]) else f" ({info['class']})"
+    lines = [f"backbone: {info['spec']}{kind} at {info['image_size']}x{info['image_size']}; maps {maps}; "
+             f"heads read {', '.join(info['feature_maps'])}"]
+    if report is not None:
+        lines.append(f"backbone weights: {report.source} ({report.format}): {report.describe()}")
+    return lines
 
 
 # ----------------------------------------------------------------------------- model, optimizer
@@ -297,6 +393,7 @@ class Run:
     rng: RngState
     log: Callable[[str], None]
     ddp: Optional[torch.nn.Module] = None  # DistributedDataParallel over the heads, with several ranks
+    backbone_info: dict = field(default_factory=dict)  # describe_backbone's: summary.json and checkpoints
 
     @property
     def world_size(self) -> int:
@@ -327,6 +424,7 @@ class Run:
             "data": self.data.identity(),
             "world_size": self.world.size,
             "device": str(self.device),
+            "backbone": self.backbone_info,
             **{name: obj.state_dict() for name, obj in self.stateful().items()},
         }
 
@@ -399,6 +497,17 @@ def plan_resume(run_dir, layers: list[dict], log: Callable[[str], None] = print,
     return merged, checkpoint
 
 
+def check_backbone_identity(checkpoint: dict, info: dict, paths: RunDir) -> None:
+    """A resumed run must find the backbone it was trained on: the heads fit its features."""
+    before = checkpoint.get("backbone") or {}
+    if before.get("digest") not in (None, info["digest"]):
+        weights = f" (--backbone-weights {info['weights']}: was the file replaced?)" if info["weights"] else ""
+        raise CheckpointError(
+            f"--resume {paths.path}: the backbone {info['spec']} is not the one the run was trained on: its weights "
+            f"or preprocessing differ{weights}; the heads fit the old features, so start a new run with another --out"
+        )
+
+
 # ----------------------------------------------------------------------------------------- prepare
 
 
@@ -457,18 +566,19 @@ def _prepare(config: TrainConfig, resume: Optional[dict], log: Callable[[str], N
     precision = resolve_precision(cfg.precision, device)
     if precision == "fp16" and device.type == "cpu":
         log("warning: fp16 on CPU is slow and needs a GradScaler; bf16 is the CPU choice")
-    if device.type == "cpu":
-        # As the heads sharpen, softmax and sigmoid tails fall into float32's subnormal range, where
-        # x86 arithmetic is many times slower (measured: 0.44 -> 0.05 s/batch warm for --fast).
-        # Flushing them to zero is process-wide and deterministic, so resumed runs stay exact.
-        torch.set_flush_denormal(True)
     backend = describe_backend(device)
     if backend.startswith("reference") and _native.backend_setting() != "reference":
         log(f"warning: pyfast has no native {device.type} kernels in this build: the ops run their PyTorch reference twins")
     seed_everything(cfg.seed)
 
+    backbone = load_run_backbone(cfg, log)  # first: its input size is the data's image size
     data = build_data(cfg, device, log, world)
-    backbone, layout, use = build_backbone(cfg, device)
+    layout, use = build_backbone(cfg, backbone.to(device), device)
+    backbone_info = describe_backbone(cfg, backbone, layout, use)
+    for line in backbone_lines(backbone_info, getattr(backbone, "weights_report", None)):
+        log(line)
+    if resume is not None:
+        check_backbone_identity(resume, backbone_info, paths)
     model = build_model(cfg, layout, use, device)
     optimizer, scheduler, scaler = build_optimizer(cfg, model, data.steps_per_epoch(cfg.accumulate) * cfg.epochs,
                                                    device, precision)
@@ -485,7 +595,7 @@ def _prepare(config: TrainConfig, resume: Optional[dict], log: Callable[[str], N
         # Every rank counts skipped samples (the records of all ranks are merged at each step); rank 0 logs them.
         skips=SkipTracker(len(data.dataset), max_fraction=cfg.max_skip_fraction,
                           log_path=paths.skipped if world.is_main else None, resume=resume is not None),
-        progress=Progress(), stats=RunStats(), rng=RngState(), log=log,
+        progress=Progress(), stats=RunStats(), rng=RngState(), log=log, backbone_info=backbone_info,
     )
 
     if resume is not None:

@@ -50,6 +50,7 @@ def summarize(run, status: str) -> dict:
         "wall_s": sum(stats.segments),
         "wall_segments_s": list(stats.segments),
         "run_dir": str(run.paths.path),
+        "backbone": run.backbone_info,
     }
 
 

@@ -179,7 +179,13 @@ def census_files():
     return set(glob.glob(os.path.join(tempfile.gettempdir(), "pyfast-census-*")))
 
 
-def test_close_without_waiting_cancels_a_search_under_way():
+@pytest.fixture
+def own_tempdir(tmp_path, monkeypatch):
+    """Census files in a folder of this test's own: other processes' searches cannot show up in it."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
+def test_close_without_waiting_cancels_a_search_under_way(own_tempdir):
     before = census_files()
     rule = LeakRule(host_mb=1.0, warmup_steps=2, window=20, min_samples=10, min_steps=10)
     monitor = MemoryMonitor(every=1, rule=rule, investigate_steps=50, tracemalloc_frames=0, log=lambda m: None)

@@ -1,8 +1,9 @@
-"""pyfast.box_loss / box_iou against the float64 reference twin, plus the contract's edge cases."""
+"""pyfast.box_loss / box_iou / BoxLoss against the float64 reference twin, on every test device."""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -12,21 +13,23 @@ from pyfast import _native
 from pyfast.ops import reference
 from pyfast.ops.box_loss import FORMATS, MODES
 
+from backends import pyfast_env
 from boxes import nasty_boxes, random_boxes
-from conftest import assert_close, requires_cuda
+from conftest import assert_close
 
 REDUCTIONS = ["none", "sum", "mean"]
+OPTIONS = dict(mode="giou", box_format="xyxy", l1_weight=1.0, iou_weight=1.0, eps=1e-7)
 
 
 def _to_cxcywh(b):
     return torch.cat([(b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2]], 1)
 
 
-def _inputs(n, box_format, dtype=torch.float64, seed=0):
+def _inputs(n, box_format, dtype=torch.float64, seed=0, device="cpu"):
     pred, target = random_boxes(n, generator=torch.Generator().manual_seed(seed))
     if box_format == "cxcywh":
         pred, target = _to_cxcywh(pred), _to_cxcywh(target)
-    return pred.to(dtype), target.to(dtype)
+    return pred.to(device, dtype), target.to(device, dtype)
 
 
 def _run(fn, pred, target, **kw):
@@ -34,26 +37,28 @@ def _run(fn, pred, target, **kw):
     p = pred.detach().clone().requires_grad_()
     t = target.detach().clone().requires_grad_()
     loss = fn(p, t, **kw)
-    cot = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    cot = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).reshape(loss.shape)
     (loss * cot).sum().backward()
     return loss.detach(), p.grad, t.grad
 
 
 def _reference64(pred, target, **kw):
-    return _run(reference.box_loss_reference, pred.double(), target.double(), **kw)
+    """The twin in float64 on the CPU, on the same (already rounded) inputs."""
+    kw = {k: (v.detach().cpu().double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    return _run(reference.box_loss_reference, pred.detach().cpu().double(), target.detach().cpu().double(), **kw)
 
 
-def test_native_cpu_backend_is_built():
+def test_native_backend_is_built(device):
     # Everything below compares the native kernels with the reference: make sure they are there.
-    assert pyfast.native_available("cpu")
-    assert _native.use_native("cpu")
+    assert pyfast.native_available(device.type), _native.unavailable_reason(device.type)
+    assert _native.use_native(device.type)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("box_format", list(FORMATS))
 @pytest.mark.parametrize("mode", list(MODES))
-def test_float64_matches_reference(mode, box_format, reduction):
-    pred, target = _inputs(257, box_format, seed=1)
+def test_float64_matches_reference(device, mode, box_format, reduction):
+    pred, target = _inputs(257, box_format, seed=1, device=device)
     kw = dict(mode=mode, box_format=box_format, reduction=reduction)
     got = _run(pyfast.box_loss, pred, target, **kw)
     want = _reference64(pred, target, **kw)
@@ -63,9 +68,9 @@ def test_float64_matches_reference(mode, box_format, reduction):
 
 @pytest.mark.parametrize("box_format", list(FORMATS))
 @pytest.mark.parametrize("mode", list(MODES))
-def test_float32_matches_float64_reference(mode, box_format):
-    # Large enough to use several blocks and both threads.
-    pred, target = _inputs(20000, box_format, dtype=torch.float32, seed=2)
+def test_float32_matches_float64_reference(device, mode, box_format):
+    # Large enough to use several blocks and both threads (CPU), several thread blocks (CUDA).
+    pred, target = _inputs(20000, box_format, dtype=torch.float32, seed=2, device=device)
     kw = dict(mode=mode, box_format=box_format, reduction="none")
     loss, gp, gt = _run(pyfast.box_loss, pred, target, **kw)
     rloss, rgp, rgt = _reference64(pred, target, **kw)
@@ -75,15 +80,15 @@ def test_float32_matches_float64_reference(mode, box_format):
     assert_close(gt, rgt, rtol=1e-4, atol=1e-5)
     for reduction in ("sum", "mean"):
         got = pyfast.box_loss(pred, target, mode=mode, box_format=box_format, reduction=reduction)
-        want = reference.box_loss_reference(pred.double(), target.double(), mode=mode, box_format=box_format,
-                                            reduction=reduction)
+        want = reference.box_loss_reference(pred.cpu().double(), target.cpu().double(), mode=mode,
+                                            box_format=box_format, reduction=reduction)  # fmt: skip
         assert_close(got, want, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_half_inputs_loss_float32_grads_in_input_dtype(dtype, mode):
-    pred, target = _inputs(3000, "xyxy", dtype=dtype, seed=3)
+def test_half_inputs_loss_float32_grads_in_input_dtype(device, dtype, mode):
+    pred, target = _inputs(3000, "xyxy", dtype=dtype, seed=3, device=device)
     loss, gp, gt = _run(pyfast.box_loss, pred, target, mode=mode, reduction="none")
     assert loss.dtype == torch.float32
     assert gp.dtype == dtype and gt.dtype == dtype
@@ -99,27 +104,101 @@ def test_half_inputs_loss_float32_grads_in_input_dtype(dtype, mode):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
 @pytest.mark.parametrize("box_format", list(FORMATS))
 @pytest.mark.parametrize("mode", list(MODES))
-def test_nasty_boxes_finite_and_match_reference(mode, box_format, dtype):
+def test_nasty_boxes_finite_and_match_reference(device, mode, box_format, dtype):
     names, pred, target = nasty_boxes()
-    if dtype == torch.float16:  # 1e4-scale boxes fit in half (max 65504)
-        pred, target = pred.half(), target.half()
     if box_format == "cxcywh":
-        pred, target = _to_cxcywh(pred.double()).to(dtype), _to_cxcywh(target.double()).to(dtype)
-    pred, target = pred.to(dtype), target.to(dtype)
+        pred, target = _to_cxcywh(pred), _to_cxcywh(target)
+    pred, target = pred.to(device, dtype), target.to(device, dtype)  # 1e4-scale boxes fit in half
     loss, gp, gt = _run(pyfast.box_loss, pred, target, mode=mode, box_format=box_format, reduction="none")
     for name, value, g1, g2 in zip(names, loss, gp, gt):
         assert torch.isfinite(value), f"{name}: loss {value}"
         assert torch.isfinite(g1).all() and torch.isfinite(g2).all(), f"{name}: grads {g1} {g2}"
     rloss, rgp, rgt = _reference64(pred, target, mode=mode, box_format=box_format, reduction="none")
-    tol = dict(float64=(1e-10, 1e-12), float32=(1e-5, 1e-5), float16=(4e-3, 1e-3))[str(dtype)[6:]]
+    tol = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-5), torch.float16: (4e-3, 1e-3)}[dtype]
     assert_close(loss, rloss, *tol)
     assert_close(gp, rgp, *tol)
     assert_close(gt, rgt, *tol)
 
 
-def test_known_values():
-    pred = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
-    target = torch.tensor([[1.0, 1.0, 3.0, 3.0]])
+def _scaled_pairs(scale: float):
+    """Valid overlapping pairs with coordinates around `scale` (float64)."""
+    pred, target = random_boxes(64, generator=torch.Generator().manual_seed(20), scale=1.0)
+    return pred * scale, target * scale
+
+
+@pytest.mark.parametrize("box_format", list(FORMATS))
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize(
+    "dtype, scale",
+    [(torch.float32, 1e20), (torch.float32, 1e30), (torch.float32, 1e38), (torch.bfloat16, 1e20),
+     (torch.bfloat16, 1e30), (torch.bfloat16, 1e37), (torch.float16, 3e4)],
+)  # fmt: skip
+def test_large_finite_boxes_match_float64(device, dtype, scale, mode, box_format):
+    # Areas of 1e20-scale boxes overflow float32: the kernels rescale such pairs by a power of two.
+    # 1e38-scale pairs reach 1.6e38, near float32's maximum (3.4e38).
+    pred, target = _scaled_pairs(scale)
+    if box_format == "cxcywh":
+        pred, target = _to_cxcywh(pred), _to_cxcywh(target)
+    pred, target = pred.to(device, dtype), target.to(device, dtype)
+    kw = dict(mode=mode, box_format=box_format, reduction="none", l1_weight=0.0)
+    loss, gp, gt = _run(pyfast.box_loss, pred, target, **kw)
+    rloss, rgp, rgt = _reference64(pred, target, **kw)
+    assert torch.isfinite(loss).all() and torch.isfinite(gp).all() and torch.isfinite(gt).all()
+    assert_close(loss, rloss, rtol=1e-4, atol=1e-5)
+    grad_tol = 1e-3 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+    assert_close(gp, rgp, rtol=grad_tol, atol=grad_tol * rgp.abs().max().item())
+    assert_close(gt, rgt, rtol=grad_tol, atol=grad_tol * rgt.abs().max().item())
+    # With the L1 term too, whose value is in coordinate units.
+    both = pyfast.box_loss(pred, target, mode=mode, box_format=box_format, reduction="none")
+    assert_close(both, _reference64(pred, target, mode=mode, box_format=box_format, reduction="none")[0],
+                 rtol=1e-4, atol=0)  # fmt: skip
+    assert_close(pyfast.box_iou(pred, target, mode=mode, box_format=box_format),
+                 reference.box_iou_reference(pred.cpu().double(), target.cpu().double(), mode=mode,
+                                             box_format=box_format), rtol=1e-4, atol=1e-5)  # fmt: skip
+
+
+def test_one_large_box_issue_example(device):
+    # Finite float32 boxes at 1e20: NaN before the rescaling; the float64 reference says 0.444.
+    pred = torch.tensor([[0.0, 0.0, 2e20, 2e20]], device=device)
+    target = torch.tensor([[1e20, 1e20, 3e20, 3e20]], device=device)
+    want = reference.box_loss_reference(pred.cpu().double(), target.cpu().double(), l1_weight=0.0)
+    got = pyfast.box_loss(pred, target, l1_weight=0.0)
+    assert torch.isfinite(got) and want.item() == pytest.approx(1 - (1 / 7 - 2 / 9), rel=1e-9)
+    assert_close(got, want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_float64_beyond_its_own_overflow(device, mode):
+    # float64 areas overflow past ~1e154: the same rescaling, checked against scaled-down boxes.
+    pred, target = _scaled_pairs(1e200)
+    got = _run(pyfast.box_loss, pred.to(device), target.to(device), mode=mode, l1_weight=0.0, reduction="none")
+    want = _reference64(pred * 1e-190, target * 1e-190, mode=mode, l1_weight=0.0, reduction="none")
+    assert_close(got[0], want[0], rtol=1e-9, atol=1e-12)
+    assert_close(got[1] * 1e200, want[1] * 1e10, rtol=1e-9, atol=1e-12)
+
+
+def test_ordinary_boxes_keep_their_bits(device):
+    # A block with one huge pair takes the rescaling path; the ordinary pairs beside it must give
+    # exactly what they give in a block of their own.
+    pred, target = _inputs(300, "xyxy", dtype=torch.float32, seed=21, device=device)
+    big_p, big_t = _scaled_pairs(1e25)
+
+    def loss_and_grads(p, t):
+        p, t = p.clone().requires_grad_(), t.clone().requires_grad_()
+        loss = pyfast.box_loss(p, t, mode="ciou", reduction="none")
+        loss.sum().backward()
+        return loss.detach(), p.grad, t.grad
+
+    alone = loss_and_grads(pred, target)
+    mixed = loss_and_grads(torch.cat([pred, big_p[:1].float().to(device)]),
+                           torch.cat([target, big_t[:1].float().to(device)]))  # fmt: skip
+    for a, b in zip(alone, mixed):
+        assert torch.equal(a, b[:300])
+
+
+def test_known_values(device):
+    pred = torch.tensor([[0.0, 0.0, 2.0, 2.0]], device=device)
+    target = torch.tensor([[1.0, 1.0, 3.0, 3.0]], device=device)
     iou = 1 / 7
     assert pyfast.box_iou(pred, target).item() == pytest.approx(iou, rel=1e-6)
     assert pyfast.box_iou(pred, target, mode="giou").item() == pytest.approx(iou - 2 / 9, rel=1e-6)
@@ -132,10 +211,10 @@ def test_known_values():
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_box_iou_matches_reference_with_gradients(mode):
-    pred, target = _inputs(500, "xyxy", seed=4)
+def test_box_iou_matches_reference_with_gradients(device, mode):
+    pred, target = _inputs(500, "xyxy", seed=4, device=device)
     got = _run(pyfast.box_iou, pred, target, mode=mode)
-    want = _run(reference.box_iou_reference, pred, target, mode=mode)
+    want = _run(reference.box_iou_reference, pred.cpu(), target.cpu(), mode=mode)
     for a, b in zip(got, want):
         assert_close(a, b, rtol=1e-10, atol=1e-12)
 
@@ -144,41 +223,86 @@ def test_box_iou_matches_reference_with_gradients(mode):
 # torchvision), so its analytical gradient is deliberately not the numerical derivative. Its
 # gradient is checked against the reference's autograd in the tests above.
 @pytest.mark.parametrize("mode", ["iou", "giou", "diou"])
-def test_gradcheck_native_float64(mode):
-    pred, target = _inputs(12, "xyxy", seed=5)
+def test_gradcheck_native_float64(device, mode):
+    pred, target = _inputs(12, "xyxy", seed=5, device=device)
     pred.requires_grad_()
     target.requires_grad_()
-    weight = torch.rand(12, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda p, t, w: pyfast.box_loss(p, t, mode=mode, weight=w, reduction="none"), (pred, target, weight)
-    )
+    for weight in (torch.rand(12, dtype=torch.float64), torch.rand(12, 4, dtype=torch.float64)):
+        weight = weight.to(device).requires_grad_()
+        assert torch.autograd.gradcheck(
+            lambda p, t, w: pyfast.box_loss(p, t, mode=mode, weight=w, reduction="none"), (pred, target, weight)
+        )
     assert torch.autograd.gradcheck(lambda p, t: pyfast.box_iou(p, t, mode=mode), (pred, target))
+    # The op itself is differentiable, not only the public function.
+    assert torch.autograd.gradcheck(
+        lambda p, t: torch.ops.pyfast.box_loss_forward(p, t, None, reduction="sum", avg_factor=None,
+                                                       **{**OPTIONS, "mode": mode}), (pred, target))  # fmt: skip
 
 
-def test_weight_avg_factor_and_target_gradients():
-    pred, target = _inputs(300, "xyxy", dtype=torch.float32, seed=6)
-    weight = torch.rand(300)
-    for avg_factor in (None, 37.5, torch.tensor(37.5)):
+def test_weight_avg_factor_and_target_gradients(device):
+    pred, target = _inputs(300, "xyxy", dtype=torch.float32, seed=6, device=device)
+    weight = torch.rand(300, device=device)
+    for avg_factor in (None, 37.5, torch.tensor(37.5, device=device)):
         kw = dict(mode="ciou", weight=weight, avg_factor=avg_factor, l1_weight=0.7, iou_weight=1.3)
         got = _run(pyfast.box_loss, pred, target, **kw)
-        want = _run(reference.box_loss_reference, pred.double(), target.double(),
-                    **{**kw, "weight": weight.double()})
+        want = _reference64(pred, target, **kw)
         for a, b in zip(got, want):
             assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_weight_gradient():
-    pred, target = _inputs(50, "xyxy", seed=7)
-    w1 = torch.rand(50, dtype=torch.float64, requires_grad=True)
-    w2 = w1.detach().clone().requires_grad_()
+@pytest.mark.parametrize("shape", [(50,), (50, 4)])
+def test_weight_gradient(device, shape):
+    pred, target = _inputs(50, "xyxy", seed=7, device=device)
+    w1 = torch.rand(shape, dtype=torch.float64, device=device, requires_grad=True)
+    w2 = w1.detach().cpu().clone().requires_grad_()
     pyfast.box_loss(pred, target, weight=w1, reduction="sum").backward()
-    reference.box_loss_reference(pred, target, weight=w2, reduction="sum").backward()
+    reference.box_loss_reference(pred.cpu(), target.cpu(), weight=w2, reduction="sum").backward()
     assert_close(w1.grad, w2.grad, rtol=1e-10, atol=1e-12)
 
 
-def test_empty_input_gives_zero_with_gradient():
-    pred = torch.zeros(0, 4, requires_grad=True)
-    target = torch.zeros(0, 4)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("box_format", list(FORMATS))
+@pytest.mark.parametrize("mode", list(MODES))
+def test_per_coordinate_weight_matches_float64_reference(device, mode, box_format, dtype):
+    # mmdet's (N, 4) bbox weights: per coordinate on the L1 term, their mean on the IoU term.
+    pred, target = _inputs(400, box_format, dtype=dtype, seed=22, device=device)
+    weight = torch.rand(400, 4, dtype=torch.float64)
+    weight[::7] = 0.0  # the negatives of a detection head
+    weight[1::7, 2:] = 0.0
+    weight = weight.to(device)
+    kw = dict(mode=mode, box_format=box_format, l1_weight=0.6, iou_weight=1.7, reduction="none")
+    got_loss, got_gp, got_gt = _run(lambda p, t, **k: pyfast.box_loss(p, t, weight=weight, **k), pred, target, **kw)
+    w64 = weight.cpu().double()
+    want_loss, want_gp, want_gt = _run(lambda p, t, **k: reference.box_loss_reference(p, t, weight=w64, **k),
+                                       pred.cpu().double(), target.cpu().double(), **kw)  # fmt: skip
+    tol = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 1e-3)}[dtype]
+    assert_close(got_loss, want_loss, rtol=tol[0] if dtype != torch.bfloat16 else 1e-5, atol=tol[1])
+    assert_close(got_gp, want_gp, *tol)
+    assert_close(got_gt, want_gt, *tol)
+    # The definition, written out: a row of equal weights is the (N,) weight.
+    same = pyfast.box_loss(pred, target, weight=torch.full((400, 4), 0.3, device=device), **kw)
+    assert_close(same, pyfast.box_loss(pred, target, weight=torch.full((400,), 0.3, device=device), **kw),
+                 rtol=1e-6 if dtype != torch.float64 else 1e-14, atol=0)  # fmt: skip
+
+
+def test_box_loss_module(device):
+    pred, target = _inputs(64, "cxcywh", dtype=torch.float32, seed=23, device=device)
+    weight = torch.rand(64, 4, device=device)
+    loss_fn = pyfast.BoxLoss(mode="diou", box_format="cxcywh", l1_weight=0.5, iou_weight=2.0)
+    assert isinstance(loss_fn, torch.nn.Module) and "diou" in repr(loss_fn)
+    got = loss_fn(pred, target, weight, avg_factor=torch.tensor(12.0, device=device))
+    want = pyfast.box_loss(pred, target, mode="diou", box_format="cxcywh", l1_weight=0.5, iou_weight=2.0,
+                           weight=weight, avg_factor=torch.tensor(12.0, device=device))  # fmt: skip
+    assert torch.equal(got, want)
+    assert loss_fn(pred, target).shape == ()
+    assert pyfast.BoxLoss(reduction="none")(pred, target).shape == (64,)
+    with pytest.raises(ValueError, match="mode"):
+        pyfast.BoxLoss(mode="sqiou")
+
+
+def test_empty_input_gives_zero_with_gradient(device):
+    pred = torch.zeros(0, 4, device=device, requires_grad=True)
+    target = torch.zeros(0, 4, device=device)
     for reduction in ("mean", "sum"):
         loss = pyfast.box_loss(pred, target, reduction=reduction)
         assert loss.shape == () and loss.item() == 0.0 and loss.requires_grad
@@ -188,9 +312,9 @@ def test_empty_input_gives_zero_with_gradient():
     assert pyfast.box_iou(pred, target).shape == (0,)
 
 
-def test_non_contiguous_inputs():
-    pred, target = _inputs(400, "xyxy", dtype=torch.float32, seed=8)
-    wide_p = torch.zeros(400, 8)
+def test_non_contiguous_inputs(device):
+    pred, target = _inputs(400, "xyxy", dtype=torch.float32, seed=8, device=device)
+    wide_p = torch.zeros(400, 8, device=device)
     wide_p[:, ::2] = pred
     t_cm = target.T.contiguous().T  # column-major
     assert not wide_p[:, ::2].is_contiguous() and not t_cm.is_contiguous()
@@ -199,25 +323,25 @@ def test_non_contiguous_inputs():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_mixed_dtypes_promote():
-    pred, target = _inputs(64, "xyxy", seed=9)
+def test_mixed_dtypes_promote(device):
+    pred, target = _inputs(64, "xyxy", seed=9, device=device)
     p16 = pred.half().requires_grad_()
     loss = pyfast.box_loss(p16, target.float())
     loss.backward()
     assert loss.dtype == torch.float32 and p16.grad.dtype == torch.float16
-    want = reference.box_loss_reference(pred.half().double(), target.float().double())
+    want = reference.box_loss_reference(pred.half().cpu().double(), target.float().cpu().double())
     assert_close(loss, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_nonfinite_input_gives_nan_never_zero(mode, bad):
-    pred, target = _inputs(10, "xyxy", dtype=torch.float32, seed=10)
+def test_nonfinite_input_gives_nan_never_zero(device, mode, bad):
+    pred, target = _inputs(10, "xyxy", dtype=torch.float32, seed=10, device=device)
     pred[3, 2] = bad
     for l1_weight in (1.0, 0.0):
         p = pred.clone().requires_grad_()
         loss = pyfast.box_loss(p, target, mode=mode, reduction="none", l1_weight=l1_weight)
-        assert torch.isnan(loss[3]) and torch.isfinite(loss[torch.arange(10) != 3]).all()
+        assert torch.isnan(loss[3]) and torch.isfinite(loss[torch.arange(10, device=device) != 3]).all()
         assert torch.isnan(pyfast.box_loss(pred, target, mode=mode, l1_weight=l1_weight))
         loss.sum().backward()
         assert torch.isnan(p.grad[3]).all()
@@ -238,35 +362,102 @@ def test_reduction_independent_of_thread_count():
     assert results[0].item() == results[1].item() == results[2].item()
 
 
-def test_opcheck():
-    pred, target = _inputs(33, "xyxy", dtype=torch.float32, seed=12)
-    weight = torch.rand(33)
-    for args in (
-        (pred, target, None, MODES["giou"], FORMATS["xyxy"], 1.0, 1.0, 1e-7, 2, None),
-        (pred, target, weight, MODES["ciou"], FORMATS["cxcywh"], 0.5, 2.0, 1e-7, 0, None),
-        (pred.double(), target.double(), weight.double(), MODES["diou"], FORMATS["xyxy"], 1.0, 1.0, 1e-7, 2, 10.0),
-    ):
-        torch.library.opcheck(torch.ops.pyfast.box_loss_forward.default, args)
-    grad = torch.tensor(1.0)
-    torch.library.opcheck(
-        torch.ops.pyfast.box_loss_backward.default,
-        (grad, pred, target, weight, MODES["giou"], FORMATS["xyxy"], 1.0, 1.0, 1e-7, 2, None, True, True),
-    )
-    torch.library.opcheck(torch.ops.pyfast.box_iou.default, (pred, target, MODES["iou"], FORMATS["xyxy"], 1e-7))
+def test_opcheck(device):
+    pred, target = _inputs(33, "xyxy", dtype=torch.float32, seed=12, device=device)
+    weight = torch.rand(33, device=device)
+    weight4 = torch.rand(33, 4, device=device)
+    forward = torch.ops.pyfast.box_loss_forward.default
+    for args, kwargs in (
+        ((pred, target, None), dict(OPTIONS, reduction="mean", avg_factor=None)),
+        ((pred, target, weight), dict(OPTIONS, mode="ciou", box_format="cxcywh", l1_weight=0.5, iou_weight=2.0,
+                                      reduction="none", avg_factor=None)),
+        ((pred, target, weight4), dict(OPTIONS, mode="iou", reduction="sum", avg_factor=None)),
+        ((pred.double(), target.double(), weight.double()), dict(OPTIONS, mode="diou", reduction="mean",
+                                                                 avg_factor=10.0)),
+    ):  # fmt: skip
+        torch.library.opcheck(forward, args, kwargs)
+        # ... and with gradients: opcheck then also checks the autograd registered on the op.
+        grad_args = (args[0].clone().requires_grad_(), args[1].clone().requires_grad_(), args[2])
+        torch.library.opcheck(forward, grad_args, kwargs)
+    grad = torch.tensor(1.0, device=device)
+    for w in (weight, weight4):
+        torch.library.opcheck(
+            torch.ops.pyfast.box_loss_backward.default, (grad, pred, target, w),
+            dict(OPTIONS, target_grad=True, weight_grad=True, reduction="mean", avg_factor=None),
+        )  # fmt: skip
+    iou_kw = dict(mode="iou", box_format="xyxy", eps=1e-7)
+    torch.library.opcheck(torch.ops.pyfast.box_iou.default, (pred, target), iou_kw)
+    torch.library.opcheck(torch.ops.pyfast.box_iou.default, (pred.clone().requires_grad_(), target), iou_kw)
 
 
-def test_torch_compile_fullgraph():
-    pred, target = _inputs(128, "xyxy", dtype=torch.float32, seed=13)
+def test_torch_compile_fullgraph(device):
+    pred, target = _inputs(128, "xyxy", dtype=torch.float32, seed=13, device=device)
+    weight = torch.rand(128, 4, device=device)
+    avg_factor = torch.tensor(3.0, device=device)
+    ciou = pyfast.BoxLoss("ciou")
 
     def step(p, t):
-        return pyfast.box_loss(p, t, mode="giou") + pyfast.box_iou(p, t).mean()
+        return (pyfast.box_loss(p, t, mode="giou", weight=weight, avg_factor=avg_factor) + pyfast.box_iou(p, t).mean()
+                + ciou(p, t))  # fmt: skip
 
     compiled = torch.compile(step, fullgraph=True)
     p1 = pred.clone().requires_grad_()
     p2 = pred.clone().requires_grad_()
-    compiled(p1, target).backward()
-    step(p2, target).backward()
+    out1, out2 = compiled(p1, target), step(p2, target)
+    out1.backward()
+    out2.backward()
+    torch.testing.assert_close(out1, out2)
     torch.testing.assert_close(p1.grad, p2.grad)
+
+
+def test_double_backward_raises_naming_the_op(device):
+    pred, target = _inputs(8, "xyxy", seed=14, device=device)
+    p = pred.clone().requires_grad_()
+    (g,) = torch.autograd.grad(pyfast.box_loss(p, target, mode="diou"), p, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"pyfast\.box_loss has no second derivative"):
+        g.sum().backward()
+    (g,) = torch.autograd.grad(pyfast.box_iou(p, target).sum(), p, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"pyfast\.box_iou has no second derivative"):
+        torch.autograd.grad(g.sum(), p)
+    # create_graph alone (a gradient penalty elsewhere in the graph) is fine.
+    (g,) = torch.autograd.grad(pyfast.box_loss(p, target), p, create_graph=True)
+    assert torch.isfinite(g).all() and g.requires_grad
+
+
+class TestAvgFactor:
+    def setup_method(self):
+        self.pred, self.target = _inputs(8, "xyxy", dtype=torch.float32)
+
+    @pytest.mark.parametrize("value", [torch.tensor([2.0, 3.0]), torch.ones(1, 2), torch.tensor([])])
+    def test_tensor_must_hold_one_element(self, value):
+        with pytest.raises(ValueError, match="avg_factor"):
+            pyfast.box_loss(self.pred, self.target, avg_factor=value)
+
+    def test_one_element_tensor_of_any_shape_divides(self, device):
+        pred, target = self.pred.to(device), self.target.to(device)
+        total = pyfast.box_loss(pred, target, reduction="sum")
+        for value in (torch.tensor([4.0]), torch.tensor([[4.0]]), torch.tensor(4, dtype=torch.int64)):
+            got = pyfast.box_loss(pred, target, avg_factor=value.to(device))
+            assert got.shape == () and got.item() == pytest.approx(total.item() / 4, rel=1e-6)
+
+    def test_zero_tensor_divides_by_eps_never_inf(self, device):
+        pred, target = self.pred.to(device), self.target.to(device)
+        zero = torch.tensor(0.0, device=device)
+        loss = pyfast.box_loss(pred, target, avg_factor=zero)
+        eps = torch.finfo(torch.float32).eps
+        assert torch.isfinite(loss)
+        assert loss.item() == pytest.approx(pyfast.box_loss(pred, target, reduction="sum").item() / eps, rel=1e-6)
+        # A batch with no positives: zero weights, zero count, zero loss and gradient.
+        p = pred.clone().requires_grad_()
+        loss = pyfast.box_loss(p, target, weight=torch.zeros(8, device=device), avg_factor=zero)
+        loss.backward()
+        assert loss.item() == 0.0 and torch.equal(p.grad, torch.zeros_like(p))
+
+    @pytest.mark.parametrize("reduction", ["sum", "none"])
+    def test_only_with_mean(self, reduction):
+        for value in (2.0, torch.tensor(2.0)):
+            with pytest.raises(ValueError, match="avg_factor"):
+                pyfast.box_loss(self.pred, self.target, reduction=reduction, avg_factor=value)
 
 
 class TestBadInput:
@@ -282,6 +473,8 @@ class TestBadInput:
     def test_integer_dtype(self):
         with pytest.raises(TypeError, match="target"):
             pyfast.box_loss(self.pred, self.target.long())
+        with pytest.raises(TypeError, match="weight"):
+            pyfast.box_loss(self.pred, self.target, weight=torch.ones(8, dtype=torch.int64))
 
     @pytest.mark.parametrize("shape", [(8,), (8, 5), (2, 4, 4)])
     def test_wrong_shape(self, shape):
@@ -296,88 +489,76 @@ class TestBadInput:
         with pytest.raises(ValueError, match="target is on meta"):
             pyfast.box_loss(self.pred, self.target.to("meta"))
 
-    def test_weight_shape(self):
-        with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
-            pyfast.box_loss(self.pred, self.target, weight=torch.ones(7))
+    @pytest.mark.parametrize("shape", [(7,), (8, 3), (8, 1), (8, 4, 1)])
+    def test_weight_shape(self, shape):
+        with pytest.raises(ValueError, match=r"weight must have shape \(8,\) or \(8, 4\)"):
+            pyfast.box_loss(self.pred, self.target, weight=torch.ones(shape))
 
     @pytest.mark.parametrize("kw, name", [
         (dict(mode="sqiou"), "mode"), (dict(box_format="xywh"), "box_format"), (dict(reduction="max"), "reduction"),
-    ])
+    ])  # fmt: skip
     def test_unknown_choice(self, kw, name):
         with pytest.raises(ValueError, match=name):
             pyfast.box_loss(self.pred, self.target, **kw)
 
     @pytest.mark.parametrize("kw, name", [
         (dict(eps=-1.0), "eps"), (dict(avg_factor=0), "avg_factor"), (dict(l1_weight=math.nan), "l1_weight"),
-    ])
+    ])  # fmt: skip
     def test_bad_numbers(self, kw, name):
         with pytest.raises(ValueError, match=name):
             pyfast.box_loss(self.pred, self.target, **kw)
 
     def test_direct_op_call_is_validated(self):
         with pytest.raises(ValueError, match="target must have the shape of pred"):
-            torch.ops.pyfast.box_loss_forward(self.pred, self.target[:3], None, 1, 0, 1.0, 1.0, 1e-7, 2, None)
+            torch.ops.pyfast.box_loss_forward(self.pred, self.target[:3], None, reduction="mean", avg_factor=None,
+                                              **OPTIONS)  # fmt: skip
+        with pytest.raises(ValueError, match="BoxLossOptions.mode must be one of"):
+            torch.ops.pyfast.box_loss_forward(self.pred, self.target, None, reduction="mean", avg_factor=None,
+                                              **{**OPTIONS, "mode": "sqiou"})  # fmt: skip
 
 
-def test_reference_backend_forced(monkeypatch):
-    monkeypatch.setenv("PYFAST_BACKEND", "reference")
-    _native.reload_backend_setting()
-    try:
-        pred, target = _inputs(16, "xyxy", dtype=torch.float32)
+def test_reference_backend_forced(device):
+    pred, target = _inputs(16, "xyxy", dtype=torch.float32, device=device)
+    calls = []
+    real = reference.box_loss_reference
+    with pytest.MonkeyPatch.context() as mp, pyfast_env(backend="reference"):
+        mp.setattr(reference, "box_loss_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
         p = pred.clone().requires_grad_()
         loss = pyfast.box_loss(p, target)
-        # The reference path leaves its autograd graph of elementwise ops, not the fused Function.
-        assert "BoxLossFunction" not in type(loss.grad_fn).__name__
-    finally:
-        monkeypatch.delenv("PYFAST_BACKEND")
-        _native.reload_backend_setting()
-    loss_native = pyfast.box_loss(pred.clone().requires_grad_(), target)
-    assert "BoxLossFunction" in type(loss_native.grad_fn).__name__
-    torch.testing.assert_close(loss, loss_native.detach(), rtol=1e-5, atol=0, check_dtype=True)
+        loss.backward()
+        # The forward and the backward kernels both ran the twin, on the op itself.
+        assert len(calls) == 2
+        assert type(loss.grad_fn).__name__ == "BoxLossForwardBackward"
+    p_native = pred.clone().requires_grad_()
+    loss_native = pyfast.box_loss(p_native, target)
+    loss_native.backward()
+    torch.testing.assert_close(loss, loss_native, rtol=1e-5, atol=0, check_dtype=True)
+    torch.testing.assert_close(p.grad, p_native.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_missing_backend_warns_once_and_falls_back(monkeypatch):
-    monkeypatch.setattr(_native, "native_available", lambda device_type: False)
-    _native._warned.clear()
     pred, target = _inputs(16, "xyxy", dtype=torch.float32)
-    with pytest.warns(RuntimeWarning, match="no native cpu backend"):
-        first = pyfast.box_loss(pred, target)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        pyfast.box_loss(pred, target)  # no second warning
-    want = reference.box_loss_reference(pred, target)
-    torch.testing.assert_close(first, want)
-    _native._warned.clear()
-
-
-@requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("mode", list(MODES))
-def test_cuda_matches_reference(mode, dtype):
-    assert pyfast.native_available("cuda")
-    pred, target = _inputs(70000, "xyxy", dtype=dtype, seed=14)
-    for reduction in REDUCTIONS:
-        got = _run(pyfast.box_loss, pred.cuda(), target.cuda(), mode=mode, reduction=reduction)
-        want = _reference64(pred, target, mode=mode, reduction=reduction)
-        tol = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-5)}.get(dtype, (1e-2, 1e-3))
-        for a, b in zip(got, want):
-            assert_close(a.cpu(), b, *tol)
+    monkeypatch.setattr(_native, "unavailable_reason", lambda device_type: "it was not built, for this test")
+    with pyfast_env(backend="auto"):
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key("pyfast::box_loss_forward", "CPU")
+        with pytest.warns(RuntimeWarning, match="no native cpu kernels .it was not built, for this test"):
+            first = pyfast.box_loss(pred, target)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            pyfast.box_loss(pred, target)  # no second warning
+            torch.ops.pyfast.box_loss_forward(pred, target, None, reduction="mean", avg_factor=None, **OPTIONS)
+        want = reference.box_loss_reference(pred, target)
+        torch.testing.assert_close(first, want)
+    monkeypatch.undo()
+    _native.reload_backend_setting()
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("pyfast::box_loss_forward", "CPU")
 
 
-@requires_cuda
-def test_cuda_empty_nan_and_compile():
-    empty = torch.zeros(0, 4, device="cuda", requires_grad=True)
-    loss = pyfast.box_loss(empty, empty.detach())
-    loss.backward()
-    assert loss.item() == 0.0 and empty.grad.shape == (0, 4)
-    names, pred, target = nasty_boxes()
-    pred, target = pred.cuda().float(), target.cuda().float()
-    assert torch.isfinite(pyfast.box_loss(pred, target, mode="ciou", reduction="none")).all()
-    pred[0, 0] = math.nan
-    assert torch.isnan(pyfast.box_loss(pred, target))
-    compiled = torch.compile(lambda p, t: pyfast.box_loss(p, t), fullgraph=True)
-    p = target.clone().requires_grad_()
-    compiled(p, target).backward()
-    assert torch.isfinite(p.grad).all()
+def test_native_setting_without_backend_raises(monkeypatch):
+    pred, target = _inputs(4, "xyxy", dtype=torch.float32)
+    monkeypatch.setattr(_native, "unavailable_reason", lambda device_type: "not built, for this test")
+    with pyfast_env(backend="native"):
+        with pytest.raises(RuntimeError, match="PYFAST_BACKEND=native, but pyfast has no native cpu kernels"):
+            pyfast.box_loss(pred, target)
+    monkeypatch.undo()
+    _native.reload_backend_setting()

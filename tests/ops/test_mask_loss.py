@@ -1,4 +1,4 @@
-"""pyfast.mask_loss / mask_iou against the float64 reference twin, plus the contract's edge cases."""
+"""pyfast.mask_loss / mask_iou / MaskLoss against the float64 reference twin, on every test device."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import torch
 import pyfast
 from pyfast import _native
 from pyfast.ops import reference
-from pyfast.ops.mask_loss import _FOCAL_GAMMA2, _NUM_SUMS
+from pyfast.ops.mask_loss import NUM_SUMS
 
-from conftest import assert_close, requires_cuda
+from backends import pyfast_env
+from conftest import assert_close
 
 REDUCTIONS = ["none", "sum", "mean"]
 TARGET_KINDS = ["bool", "uint8", "soft"]
@@ -25,6 +26,7 @@ TERMS = {
     "focal_gamma0": dict(bce_weight=0.0, dice_weight=0.0, focal_weight=1.0, gamma=0.0),
     "combined": dict(bce_weight=0.7, dice_weight=1.3, focal_weight=2.0, alpha=0.3, gamma=2.0),
 }
+OPTIONS = dict(bce_weight=1.0, dice_weight=1.0, focal_weight=0.5, alpha=0.25, gamma=2.0, smooth=1.0)
 
 
 def _targets(shape, kind, generator):
@@ -35,32 +37,35 @@ def _targets(shape, kind, generator):
     return mask if kind == "bool" else mask.to(torch.uint8)
 
 
-def _inputs(shape, kind="bool", dtype=torch.float64, seed=0, scale=4.0):
+def _inputs(shape, kind="bool", dtype=torch.float64, seed=0, scale=4.0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
-    return logits, _targets(shape, kind, g)
+    return logits.to(device), _targets(shape, kind, g).to(device)
 
 
 def _run(fn, logits, targets, **kw):
     """Loss and the gradient w.r.t. logits of sum(loss * fixed cotangent)."""
     x = logits.detach().clone().requires_grad_()
     loss = fn(x, targets, **kw)
-    cot = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    cot = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).reshape(loss.shape)
     (loss * cot).sum().backward()
     return loss.detach(), x.grad
 
 
 def _reference64(logits, targets, **kw):
+    """The twin in float64 on the CPU, on the same (already rounded) inputs."""
+    targets = targets.detach().cpu()
     if targets.is_floating_point():
         targets = targets.double()
-    return _run(reference.mask_loss_reference, logits.double(), targets, **kw)
+    kw = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    return _run(reference.mask_loss_reference, logits.detach().cpu().double(), targets, **kw)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("kind", TARGET_KINDS)
 @pytest.mark.parametrize("terms", list(TERMS))
-def test_float64_matches_reference(terms, kind, reduction):
-    logits, targets = _inputs((9, 13, 11), kind, seed=1)
+def test_float64_matches_reference(device, terms, kind, reduction):
+    logits, targets = _inputs((9, 13, 11), kind, seed=1, device=device)
     got = _run(pyfast.mask_loss, logits, targets, reduction=reduction, **TERMS[terms])
     want = _reference64(logits, targets, reduction=reduction, **TERMS[terms])
     for a, b in zip(got, want):
@@ -70,9 +75,9 @@ def test_float64_matches_reference(terms, kind, reduction):
 
 @pytest.mark.parametrize("kind", TARGET_KINDS)
 @pytest.mark.parametrize("terms", list(TERMS))
-def test_float32_matches_float64_reference(terms, kind):
-    # 5 masks of 40000 elements: several CPU chunks per mask.
-    logits, targets = _inputs((5, 200, 200), kind, dtype=torch.float32, seed=2)
+def test_float32_matches_float64_reference(device, terms, kind):
+    # 5 masks of 40000 elements: several CPU chunks and CUDA work items per mask.
+    logits, targets = _inputs((5, 200, 200), kind, dtype=torch.float32, seed=2, device=device)
     loss, grad = _run(pyfast.mask_loss, logits, targets, reduction="none", **TERMS[terms])
     want_loss, want_grad = _reference64(logits, targets, reduction="none", **TERMS[terms])
     assert loss.dtype == torch.float32 and grad.dtype == torch.float32
@@ -82,8 +87,8 @@ def test_float32_matches_float64_reference(terms, kind):
 
 @pytest.mark.parametrize("target_dtype", [torch.bool, torch.float32, "same"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_logits_loss_float32_grads_in_logits_dtype(dtype, target_dtype):
-    logits, targets = _inputs((6, 32, 32), "soft", dtype=dtype, seed=3)
+def test_half_logits_loss_float32_grads_in_logits_dtype(device, dtype, target_dtype):
+    logits, targets = _inputs((6, 32, 32), "soft", dtype=dtype, seed=3, device=device)
     targets = targets.to(dtype if target_dtype == "same" else target_dtype)
     kw = TERMS["combined"]
     loss, grad = _run(pyfast.mask_loss, logits, targets, reduction="none", **kw)
@@ -95,11 +100,11 @@ def test_half_logits_loss_float32_grads_in_logits_dtype(dtype, target_dtype):
     assert_close(grad, want_grad, rtol=eps, atol=eps * want_grad.abs().max().item())
 
 
-def test_float_targets_in_another_dtype_are_converted():
-    logits, targets = _inputs((4, 50), "soft", dtype=torch.float32, seed=4)
+def test_float_targets_in_another_dtype_are_converted(device):
+    logits, targets = _inputs((4, 50), "soft", dtype=torch.float32, seed=4, device=device)
     for t in (targets.half(), targets.double(), targets.bfloat16()):
         got = pyfast.mask_loss(logits, t, reduction="none")
-        want = reference.mask_loss_reference(logits.double(), t.double(), reduction="none")
+        want = reference.mask_loss_reference(logits.cpu().double(), t.cpu().double(), reduction="none")
         assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -120,9 +125,9 @@ def _nasty():
 
 @pytest.mark.parametrize("terms", list(TERMS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
-def test_nasty_masks_finite_and_match_reference(terms, dtype):
+def test_nasty_masks_finite_and_match_reference(device, terms, dtype):
     x, t = _nasty()
-    x = x.to(dtype)
+    x, t = x.to(device, dtype), t.to(device)
     loss, grad = _run(pyfast.mask_loss, x, t, reduction="none", **TERMS[terms])
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
     want_loss, want_grad = _reference64(x, t, reduction="none", **TERMS[terms])
@@ -132,9 +137,9 @@ def test_nasty_masks_finite_and_match_reference(terms, dtype):
 
 
 @pytest.mark.parametrize("terms", ["combined", "focal_gamma1.5_no_alpha", "focal_gamma0"])
-def test_huge_logits_float32(terms):
+def test_huge_logits_float32(device, terms):
     x, t = _nasty()
-    x = (x.sign() * 1e4).float()
+    x, t = (x.sign() * 1e4).float().to(device), t.to(device)
     loss, grad = _run(pyfast.mask_loss, x, t, reduction="none", **TERMS[terms])
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
     want_loss, want_grad = _reference64(x, t, reduction="none", **TERMS[terms])
@@ -143,8 +148,8 @@ def test_huge_logits_float32(terms):
 
 
 @pytest.mark.parametrize("shape", [(37,), (37, 1), (1, 1, 1)])
-def test_one_element_masks(shape):
-    logits, targets = _inputs(shape, "uint8", seed=5)
+def test_one_element_masks(device, shape):
+    logits, targets = _inputs(shape, "uint8", seed=5, device=device)
     got = _run(pyfast.mask_loss, logits, targets, reduction="none", **TERMS["combined"])
     want = _reference64(logits, targets, reduction="none", **TERMS["combined"])
     assert got[0].shape == (shape[0],)
@@ -152,9 +157,9 @@ def test_one_element_masks(shape):
         assert_close(a, b, rtol=1e-11, atol=1e-14)
 
 
-def test_large_mask_float32():
-    # One 4096 x 4096 mask: chunked over threads, accumulated per chunk in double.
-    logits, targets = _inputs((1, 4096, 4096), "bool", dtype=torch.float32, seed=6, scale=8.0)
+def test_large_mask_float32(device):
+    # One 4096 x 4096 mask: chunked over threads (CPU) or blocks (CUDA), partial sums in a fixed order.
+    logits, targets = _inputs((1, 4096, 4096), "bool", dtype=torch.float32, seed=6, scale=8.0, device=device)
     loss, grad = _run(pyfast.mask_loss, logits, targets, **TERMS["combined"])
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     want_loss, want_grad = _reference64(logits, targets, **TERMS["combined"])
@@ -162,10 +167,11 @@ def test_large_mask_float32():
     assert_close(grad, want_grad, rtol=1e-4, atol=1e-5 * want_grad.abs().max().item())
 
 
-def test_known_values():
+def test_known_values(device):
     # x = 0, t = 1, one element: ce = log 2, p = 1/2, dice = 1 - (1 + 1) / (0.5 + 1 + 1) = 0.2,
     # focal = (1/2)^2 * 0.25 * log 2.
-    x, t = torch.zeros(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.bool)
+    x = torch.zeros(1, 1, dtype=torch.float64, device=device)
+    t = torch.ones(1, 1, dtype=torch.bool, device=device)
     assert pyfast.mask_loss(x, t, dice_weight=0.0).item() == pytest.approx(math.log(2), rel=1e-14)
     assert pyfast.mask_loss(x, t, bce_weight=0.0).item() == pytest.approx(0.2, rel=1e-14)
     focal = pyfast.mask_loss(x, t, bce_weight=0.0, dice_weight=0.0, focal_weight=1.0).item()
@@ -174,8 +180,8 @@ def test_known_values():
 
 @pytest.mark.parametrize("terms", list(TERMS))
 @pytest.mark.parametrize("kind", ["bool", "soft"])
-def test_gradcheck_native_float64(terms, kind):
-    logits, targets = _inputs((3, 4, 5), kind, seed=7, scale=2.0)
+def test_gradcheck_native_float64(device, terms, kind):
+    logits, targets = _inputs((3, 4, 5), kind, seed=7, scale=2.0, device=device)
     x = logits.clone().requires_grad_()
     for reduction in REDUCTIONS:
         assert torch.autograd.gradcheck(
@@ -183,10 +189,19 @@ def test_gradcheck_native_float64(terms, kind):
         )
 
 
-def test_avg_factor_number_and_tensor():
-    logits, targets = _inputs((7, 10, 10), "bool", seed=8)
+def test_op_itself_is_differentiable(device):
+    logits, targets = _inputs((3, 4, 5), "soft", seed=7, scale=2.0, device=device)
+    x = logits.clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x: torch.ops.pyfast.mask_loss_forward(x, targets, reduction="sum", avg_factor=None, **OPTIONS)[0],
+        (x,),
+    )
+
+
+def test_avg_factor_number_and_tensor(device):
+    logits, targets = _inputs((7, 10, 10), "bool", seed=8, device=device)
     total = _run(pyfast.mask_loss, logits, targets, reduction="sum")
-    for avg in (3.5, torch.tensor(3.5, dtype=torch.float64)):
+    for avg in (3.5, torch.tensor(3.5, dtype=torch.float64, device=device)):
         got = _run(pyfast.mask_loss, logits, targets, reduction="mean", avg_factor=avg)
         assert_close(got[0], total[0] / 3.5, rtol=1e-14, atol=0)
         assert_close(got[1], total[1] / 3.5, rtol=1e-14, atol=0)
@@ -197,10 +212,104 @@ def test_avg_factor_number_and_tensor():
     assert_close(mean[0], total[0] / 7, rtol=1e-14, atol=0)
 
 
+class TestAvgFactor:
+    x = torch.randn(4, 6, 6)
+    t = torch.rand(4, 6, 6) > 0.5
+
+    @pytest.mark.parametrize("value", [torch.tensor([2.0, 3.0]), torch.ones(2, 1), torch.tensor([])])
+    def test_tensor_must_hold_one_element(self, value):
+        with pytest.raises(ValueError, match="avg_factor"):
+            pyfast.mask_loss(self.x, self.t, avg_factor=value)
+
+    def test_zero_tensor_divides_by_eps_never_inf(self, device):
+        x, t = self.x.to(device), self.t.to(device)
+        loss = pyfast.mask_loss(x, t, avg_factor=torch.zeros((), device=device))
+        assert torch.isfinite(loss)
+        total = pyfast.mask_loss(x, t, reduction="sum")
+        assert loss.item() == pytest.approx(total.item() / torch.finfo(torch.float32).eps, rel=1e-6)
+
+    @pytest.mark.parametrize("reduction", ["sum", "none"])
+    def test_only_with_mean(self, reduction):
+        for value in (2.0, torch.tensor(2.0)):
+            with pytest.raises(ValueError, match="avg_factor"):
+                pyfast.mask_loss(self.x, self.t, reduction=reduction, avg_factor=value)
+
+
+class TestFloatTargetsOutsideUnitRange:
+    """0/255 float masks and negative targets have no valid loss: never a wrong number."""
+
+    def _masks(self, device, dtype=torch.float32):
+        logits, binary = _inputs((6, 9, 9), "bool", dtype=dtype, seed=24, device=device)
+        return logits, binary
+
+    @pytest.mark.parametrize("make", [lambda b: b.float() * 255, lambda b: b.float() - 0.5, lambda b: b.float() * 1.5])
+    def test_cpu_raises_naming_targets_and_range(self, make):
+        logits, binary = self._masks("cpu")
+        targets = make(binary)
+        with pytest.raises(ValueError, match=r"targets are float but outside \[0, 1\] \(min .*, max .*\).*uint8"):
+            pyfast.mask_loss(logits, targets)
+        with pytest.raises(ValueError, match="targets"):
+            pyfast.mask_iou(logits, targets)
+        with pytest.raises(ValueError, match="targets"):
+            torch.ops.pyfast.mask_loss_forward(logits, targets, reduction="mean", avg_factor=None, **OPTIONS)
+
+    def test_the_same_mask_as_bytes_works(self, device):
+        logits, binary = self._masks(device)
+        as_bytes = pyfast.mask_loss(logits, (binary.to(torch.uint8) * 255))
+        assert_close(as_bytes, pyfast.mask_loss(logits, binary), rtol=0, atol=0)
+        assert_close(as_bytes, pyfast.mask_loss(logits, binary.float()), rtol=1e-6, atol=0)
+        iou = pyfast.mask_iou(logits, binary.to(torch.uint8) * 255)
+        assert ((iou >= 0) & (iou <= 1)).all()
+
+    def test_reference_fallback_raises_too(self):
+        logits, binary = self._masks("cpu")
+        with pyfast_env(backend="reference"):
+            with pytest.raises(ValueError, match="targets"):
+                pyfast.mask_loss(logits, binary.float() * 255)
+            with pytest.raises(ValueError, match="targets"):
+                pyfast.mask_iou(logits, binary.float() * 255)
+
+    @pytest.mark.parametrize("backend", ["auto", "reference"])
+    def test_poisoned_with_nan_where_raising_needs_a_sync(self, device, backend):
+        # What the kernels do for such a mask (the CUDA default): its loss and IoU are NaN, the
+        # others unchanged, so neither IoU > 1 nor a negative loss can come out.
+        if device.type == "cpu":
+            pytest.skip("the CPU ops raise (above)")
+        logits, binary = self._masks(device)
+        targets = binary.float()
+        targets[2] *= 255
+        targets[4] -= 0.5
+        with pyfast_env(backend=backend):
+            loss = pyfast.mask_loss(logits, targets, reduction="none")
+            iou = pyfast.mask_iou(logits, targets)
+            good = [0, 1, 3, 5]
+            assert torch.isnan(loss[[2, 4]]).all() and torch.isnan(iou[[2, 4]]).all()
+            assert_close(loss[good], pyfast.mask_loss(logits[good], binary[good], reduction="none"), 1e-6, 0)
+            assert torch.isnan(pyfast.mask_loss(logits, targets))
+            with pyfast_env(checked="1"):
+                with pytest.raises(ValueError, match="targets.*in 2 of 6 masks"):
+                    pyfast.mask_loss(logits, targets)
+                with pytest.raises(ValueError, match="targets"):
+                    pyfast.mask_iou(logits, targets)
+
+    def test_kernel_math_poisons_the_mask(self):
+        # The per-mask sums the kernels keep: the count of bad targets turns that mask's loss to NaN
+        # (checked through the CPU kernel's sums, which the CUDA kernels share via mask_loss_math.h).
+        logits, binary = self._masks("cpu")
+        targets = binary.float()
+        targets[1, 0, 0] = 2.0
+        with pytest.raises(ValueError, match="in 1 of 6 masks"):
+            torch.ops.pyfast.mask_loss_forward(logits, targets, reduction="none", avg_factor=None, **OPTIONS)
+        want = reference.mask_loss_reference(logits.double(), targets.double(), reduction="none")
+        assert torch.isnan(want[1]) and torch.isfinite(want[[0, 2, 3, 4, 5]]).all()
+        sums = reference.mask_sums_reference(logits, targets)
+        assert sums[:, reference.MASK_SUMS.index("bad_targets")].tolist() == [0, 1, 0, 0, 0, 0]
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_empty_batch(reduction):
-    x = torch.zeros(0, 8, 8, requires_grad=True)
-    loss = pyfast.mask_loss(x, torch.zeros(0, 8, 8, dtype=torch.bool), reduction=reduction)
+def test_empty_batch(device, reduction):
+    x = torch.zeros(0, 8, 8, device=device, requires_grad=True)
+    loss = pyfast.mask_loss(x, torch.zeros(0, 8, 8, dtype=torch.bool, device=device), reduction=reduction)
     if reduction == "none":
         assert loss.shape == (0,)
         loss.sum().backward()
@@ -208,11 +317,11 @@ def test_empty_batch(reduction):
         assert loss.shape == () and loss.item() == 0.0
         loss.backward()
     assert x.grad.shape == (0, 8, 8)
-    assert pyfast.mask_iou(x, torch.zeros(0, 8, 8)).shape == (0,)
+    assert pyfast.mask_iou(x, torch.zeros(0, 8, 8, device=device)).shape == (0,)
 
 
-def test_only_per_mask_sums_are_saved_for_backward():
-    logits, targets = _inputs((16, 64, 64), "bool", dtype=torch.float32, seed=9)
+def test_only_per_mask_sums_are_saved_for_backward(device):
+    logits, targets = _inputs((16, 64, 64), "bool", dtype=torch.float32, seed=9, device=device)
     x = logits.requires_grad_()
     extra = {}
 
@@ -223,12 +332,12 @@ def test_only_per_mask_sums_are_saved_for_backward():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         pyfast.mask_loss(x, targets)
-    assert sum(extra.values()) == 16 * _NUM_SUMS * 4  # O(N), not O(N * H * W)
+    assert sum(extra.values()) == 16 * NUM_SUMS * 4  # O(N), not O(N * H * W)
 
 
 @pytest.mark.parametrize("terms", ["bce", "dice", "focal", "focal_gamma1.5_no_alpha"])
-def test_nan_logit_gives_nan_never_zero(terms):
-    logits, targets = _inputs((4, 30), "bool", dtype=torch.float32, seed=10)
+def test_nan_logit_gives_nan_never_zero(device, terms):
+    logits, targets = _inputs((4, 30), "bool", dtype=torch.float32, seed=10, device=device)
     logits[2, 7] = math.nan
     loss, grad = _run(pyfast.mask_loss, logits, targets, reduction="none", **TERMS[terms])
     assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3]]).all()
@@ -253,8 +362,8 @@ def test_results_independent_of_thread_count():
         assert torch.equal(other[0], base[0]) and torch.equal(other[1], base[1])
 
 
-def test_non_contiguous_inputs():
-    logits, targets = _inputs((6, 20, 30), "bool", seed=12)
+def test_non_contiguous_inputs(device):
+    logits, targets = _inputs((6, 20, 30), "bool", seed=12, device=device)
     x, t = logits.transpose(1, 2), targets.transpose(1, 2)
     got = _run(pyfast.mask_loss, x, t, **TERMS["combined"])
     want = _reference64(x, t, **TERMS["combined"])
@@ -262,8 +371,8 @@ def test_non_contiguous_inputs():
         assert_close(a, b, rtol=1e-11, atol=1e-14)
 
 
-def test_mask_iou_matches_direct_computation():
-    logits, targets = _inputs((10, 17, 19), "bool", dtype=torch.float32, seed=13)
+def test_mask_iou_matches_direct_computation(device):
+    logits, targets = _inputs((10, 17, 19), "bool", dtype=torch.float32, seed=13, device=device)
     targets[3] = False  # empty target
     logits[4] = -5.0  # empty prediction
     logits[5], targets[5] = -5.0, False  # both empty: IoU 0
@@ -279,43 +388,64 @@ def test_mask_iou_matches_direct_computation():
     assert pyfast.mask_iou(logits, targets)[5] == 0.0
 
 
-def test_mask_iou_soft_targets_and_dtypes():
-    logits, targets = _inputs((6, 40), "soft", seed=14)
-    want = reference.mask_iou_reference(logits, targets, 0.5)
+def test_mask_iou_soft_targets_and_dtypes(device):
+    logits, targets = _inputs((6, 40), "soft", seed=14, device=device)
+    want = reference.mask_iou_reference(logits.cpu(), targets.cpu(), 0.5)
     for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
         got = pyfast.mask_iou(logits.to(dtype), targets.to(dtype), 0.5)
-        ref = reference.mask_iou_reference(logits.to(dtype), targets.to(dtype), 0.5)
+        ref = reference.mask_iou_reference(logits.to(dtype).cpu(), targets.to(dtype).cpu(), 0.5)
         assert_close(got, ref, rtol=1e-5, atol=1e-6)
     assert_close(pyfast.mask_iou(logits, targets, 0.5), want, rtol=1e-14, atol=0)
     assert not pyfast.mask_iou(logits.requires_grad_(), targets).requires_grad
 
 
-def test_opcheck():
-    logits, targets = _inputs((5, 6, 7), "bool", dtype=torch.float32, seed=15)
+def test_mask_loss_module(device):
+    logits, targets = _inputs((5, 12, 12), "bool", dtype=torch.float32, seed=25, device=device)
+    loss_fn = pyfast.MaskLoss(dice_weight=0.5, focal_weight=1.0)
+    assert isinstance(loss_fn, torch.nn.Module) and "focal_weight=1.0" in repr(loss_fn)
+    kw = dict(dice_weight=0.5, focal_weight=1.0)
+    assert torch.equal(loss_fn(logits, targets), pyfast.mask_loss(logits, targets, **kw))
+    avg = torch.tensor(2.0, device=device)
+    assert torch.equal(loss_fn(logits, targets, avg_factor=avg), pyfast.mask_loss(logits, targets, avg_factor=avg, **kw))
+    weight = torch.rand(5, device=device)
+    per_mask = pyfast.mask_loss(logits, targets, reduction="none", **kw)
+    assert_close(loss_fn(logits, targets, weight), (per_mask * weight).mean(), rtol=1e-6, atol=0)
+    assert_close(loss_fn(logits, targets, weight, avg_factor=avg), (per_mask * weight).sum() / 2, rtol=1e-6, atol=0)
+    assert_close(pyfast.MaskLoss(reduction="none")(logits, targets, weight),
+                 pyfast.mask_loss(logits, targets, reduction="none") * weight, rtol=1e-6, atol=0)  # fmt: skip
+    with pytest.raises(ValueError, match="weight"):
+        loss_fn(logits, targets, torch.ones(4, device=device))
+    with pytest.raises(ValueError, match="reduction"):
+        pyfast.MaskLoss(reduction="avg")
+
+
+def test_opcheck(device):
+    logits, targets = _inputs((5, 6, 7), "bool", dtype=torch.float32, seed=15, device=device)
     soft = targets.float() * 0.8
-    params = (1.0, 1.0, 0.5, 0.25, 2.0, 1.0)
-    for args in (
-        (logits, targets, *params, 2, None),
-        (logits, targets.to(torch.uint8), 0.5, 2.0, 1.0, -1.0, 1.5, 0.5, 0, None),
-        (logits.double(), soft.double(), *params, 1, None),
-        (logits.half(), soft, *params, 2, 3.0),
+    forward = torch.ops.pyfast.mask_loss_forward.default
+    other = dict(bce_weight=0.5, dice_weight=2.0, focal_weight=1.0, alpha=-1.0, gamma=1.5, smooth=0.5)
+    for args, kwargs in (
+        ((logits, targets), dict(OPTIONS, reduction="mean", avg_factor=None)),
+        ((logits, targets.to(torch.uint8)), dict(other, reduction="none", avg_factor=None)),
+        ((logits.double(), soft.double()), dict(OPTIONS, reduction="sum", avg_factor=None)),
+        ((logits.half(), soft), dict(OPTIONS, reduction="mean", avg_factor=3.0)),
     ):
-        torch.library.opcheck(torch.ops.pyfast.mask_loss_forward.default, args)
-    _, sums = torch.ops.pyfast.mask_loss_forward(logits, targets, *params, 2, None)
-    torch.library.opcheck(
-        torch.ops.pyfast.mask_loss_backward.default, (torch.tensor(1.0), logits, targets, sums, *params, 2, None)
-    )
-    torch.library.opcheck(
-        torch.ops.pyfast.mask_loss_backward.default, (torch.rand(5), logits, soft, sums, *params, 0, None)
-    )
-    torch.library.opcheck(torch.ops.pyfast.mask_iou.default, (logits, targets, 0.0))
+        torch.library.opcheck(forward, args, kwargs)
+        torch.library.opcheck(forward, (args[0].clone().requires_grad_(), args[1]), kwargs)
+    kw = dict(OPTIONS, reduction="mean", avg_factor=None)
+    _, sums = forward(logits, targets, **kw)
+    backward = torch.ops.pyfast.mask_loss_backward.default
+    torch.library.opcheck(backward, (torch.tensor(1.0, device=device), logits, targets, sums), kw)
+    torch.library.opcheck(backward, (torch.rand(5, device=device), logits, soft, sums), dict(kw, reduction="none"))
+    torch.library.opcheck(torch.ops.pyfast.mask_iou.default, (logits, targets), dict(threshold=0.0))
 
 
-def test_torch_compile_fullgraph():
-    logits, targets = _inputs((4, 16, 16), "bool", dtype=torch.float32, seed=16)
+def test_torch_compile_fullgraph(device):
+    logits, targets = _inputs((4, 16, 16), "bool", dtype=torch.float32, seed=16, device=device)
+    module = pyfast.MaskLoss(focal_weight=0.5)
 
     def step(x, t):
-        return pyfast.mask_loss(x, t, focal_weight=1.0) + pyfast.mask_iou(x, t).mean()
+        return pyfast.mask_loss(x, t, focal_weight=1.0) + pyfast.mask_iou(x, t).mean() + module(x, t)
 
     compiled = torch.compile(step, fullgraph=True)
     x1 = logits.clone().requires_grad_()
@@ -327,12 +457,24 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(x1.grad, x2.grad)
 
 
-def test_focal_mode_choice():
-    from pyfast.ops.mask_loss import _FOCAL_GENERAL, _NO_FOCAL, _focal_mode
+def test_double_backward_raises_naming_the_op(device):
+    logits, targets = _inputs((3, 5, 5), "soft", seed=26, device=device)
+    x = logits.clone().requires_grad_()
+    (g,) = torch.autograd.grad(pyfast.mask_loss(x, targets, focal_weight=1.0), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"pyfast\.mask_loss has no second derivative"):
+        torch.autograd.grad(g.sum(), x)
 
-    assert _focal_mode(0.0, 2.0) == _NO_FOCAL
-    assert _focal_mode(1.0, 2.0) == _FOCAL_GAMMA2
-    assert _focal_mode(1.0, 0.5) == _FOCAL_GENERAL
+
+def test_focal_mode_choice():
+    # The kernels compile the focal term in three shapes; the choice is the native module's.
+    _C = _native._C
+
+    def choose(**changes):
+        return _C.mask_focal_mode(_C.MaskLossOptions(**{**OPTIONS, **changes}))
+
+    assert choose(focal_weight=0.0) == _C.MaskFocal.none
+    assert choose(focal_weight=1.0, gamma=2.0) == _C.MaskFocal.gamma2
+    assert choose(focal_weight=1.0, gamma=0.5) == _C.MaskFocal.general
 
 
 class TestBadInput:
@@ -373,6 +515,9 @@ class TestBadInput:
     def test_targets_requiring_grad(self):
         with pytest.raises(ValueError, match="targets"):
             pyfast.mask_loss(self.x, self.x.clone().requires_grad_())
+        with pytest.raises(ValueError, match="targets"):
+            torch.ops.pyfast.mask_loss_forward(self.x.clone().requires_grad_(), self.x.clone().requires_grad_(),
+                                               reduction="mean", avg_factor=None, **OPTIONS)  # fmt: skip
 
     @pytest.mark.parametrize(
         "kw, name",
@@ -393,64 +538,20 @@ class TestBadInput:
 
     def test_direct_op_call_is_validated(self):
         with pytest.raises(TypeError, match="logits"):
-            torch.ops.pyfast.mask_loss_forward(self.x.long(), self.t, 1.0, 1.0, 0.0, 0.25, 2.0, 1.0, 2, None)
+            torch.ops.pyfast.mask_loss_forward(self.x.long(), self.t, reduction="mean", avg_factor=None, **OPTIONS)
         with pytest.raises(ValueError, match="sums"):
-            torch.ops.pyfast.mask_loss_backward(
-                torch.tensor(1.0), self.x, self.t, torch.zeros(3, 5), 1.0, 1.0, 0.0, 0.25, 2.0, 1.0, 2, None
-            )
+            torch.ops.pyfast.mask_loss_backward(torch.tensor(1.0), self.x, self.t, torch.zeros(3, 5),
+                                                reduction="mean", avg_factor=None, **OPTIONS)  # fmt: skip
 
 
-def test_reference_backend_forced(monkeypatch):
-    logits, targets = _inputs((3, 8), "bool", seed=17)
-    monkeypatch.setenv("PYFAST_BACKEND", "reference")
-    _native.reload_backend_setting()
-    try:
-        got = pyfast.mask_loss(logits, targets, **TERMS["combined"])
-    finally:
-        monkeypatch.delenv("PYFAST_BACKEND")
-        _native.reload_backend_setting()
-    want = pyfast.mask_loss(logits, targets, **TERMS["combined"])
-    assert_close(got, want, rtol=1e-12, atol=0)
-
-
-@requires_cuda
-@pytest.mark.parametrize("kind", TARGET_KINDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_cuda_matches_reference(dtype, kind):
-    assert pyfast.native_available("cuda")
-    # 3 x 20000 (several chunks, vector loads) and 7 x 13 x 11 (odd mask size: scalar loads).
-    for shape in ((3, 100, 200), (7, 13, 11)):
-        logits, targets = _inputs(shape, kind, dtype=dtype, seed=18)
-        for terms in ("combined", "focal_gamma1.5_no_alpha", "dice"):
-            for reduction in REDUCTIONS:
-                got = _run(pyfast.mask_loss, logits.cuda(), targets.cuda(), reduction=reduction, **TERMS[terms])
-                want = _reference64(logits, targets, reduction=reduction, **TERMS[terms])
-                tol = {torch.float64: 1e-11, torch.float32: 1e-5}.get(dtype, 1e-2)
-                assert_close(got[0].cpu(), want[0], rtol=tol, atol=tol)
-                assert_close(got[1].cpu(), want[1], rtol=tol, atol=tol * want[1].abs().max().item())
-        got_iou = pyfast.mask_iou(logits.cuda(), targets.cuda(), 0.5).cpu()
-        assert_close(got_iou, reference.mask_iou_reference(logits, targets, 0.5), rtol=1e-5, atol=1e-6)
-
-
-@requires_cuda
-def test_cuda_unaligned_empty_nan_and_compile():
-    base, targets = _inputs((4 * 64 + 1,), "bool", dtype=torch.float32, seed=19)
-    x = base.cuda()[1:].view(4, 64)  # starts 4 bytes past an aligned address
-    t = targets.cuda()[1:].view(4, 64)
-    got = pyfast.mask_loss(x, t, reduction="none")
-    assert_close(got.cpu(), reference.mask_loss_reference(x.cpu().double(), t.cpu(), reduction="none"), 1e-5, 1e-6)
-    empty = torch.zeros(0, 8, device="cuda", requires_grad=True)
-    loss = pyfast.mask_loss(empty, torch.zeros(0, 8, device="cuda"))
-    loss.backward()
-    assert loss.item() == 0.0 and empty.grad.shape == (0, 8)
-    big = torch.full((1, 4096, 4096), 80.0, device="cuda", requires_grad=True)
-    loss = pyfast.mask_loss(big, torch.zeros(1, 4096, 4096, dtype=torch.bool, device="cuda"), focal_weight=1.0)
-    loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(big.grad).all()
-    x = x.clone()
-    x[1, 3] = math.nan
-    assert torch.isnan(pyfast.mask_loss(x, t))
-    compiled = torch.compile(lambda a, b: pyfast.mask_loss(a, b, focal_weight=1.0), fullgraph=True)
-    p = x.clone().nan_to_num_().requires_grad_()
-    compiled(p, t).backward()
-    assert torch.isfinite(p.grad).all()
+def test_reference_backend_forced(device):
+    logits, targets = _inputs((3, 8), "bool", seed=17, device=device)
+    calls = []
+    real = reference.mask_loss_reference
+    with pytest.MonkeyPatch.context() as mp, pyfast_env(backend="reference"):
+        mp.setattr(reference, "mask_loss_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+        got = _run(pyfast.mask_loss, logits, targets, **TERMS["combined"])
+        assert len(calls) == 2  # the forward and the backward kernel
+    want = _run(pyfast.mask_loss, logits, targets, **TERMS["combined"])
+    assert_close(got[0], want[0], rtol=1e-12, atol=0)
+    assert_close(got[1], want[1], rtol=1e-10, atol=1e-14)

@@ -64,7 +64,7 @@ def test_help_shows_defaults_and_what_fast_sets(capsys):
         main(["--help"])
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for flag, default in (("--epochs", "12"), ("--batch-size", "16"), ("--lr", "0.01"), ("--image-size", "128"),
+    for flag, default in (("--epochs", "12"), ("--batch-size", "16"), ("--lr", "0.01"), ("--image-size", "the backbone's input size, else 128"),
                           ("--precision", "auto"), ("--device", "auto")):
         assert flag in text and f"(default: {default})" in text, flag
     assert "--image-size 96" in text and "--synthetic-samples 640" in text and "--epochs 10" in text
