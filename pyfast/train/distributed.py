@@ -26,12 +26,13 @@ happens. With several ranks:
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import os
 import pickle
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable, Optional
 
@@ -106,6 +107,7 @@ class World:
     rank, size: RANK and WORLD_SIZE; local_rank: LOCAL_RANK, the GPU this rank uses on its machine;
     launched: started by torchrun (even with one process). `pending` holds a rank-local failure until
     the next agreement; `broken` says a collective failed and the group must not be used again.
+    `ddp`: the DistributedDataParallel wrapper of the run (`wrap_model`'s), which `close` releases.
     """
 
     rank: int = 0
@@ -117,6 +119,7 @@ class World:
     broken: bool = False
     pending: Optional[Exception] = None
     group: Any = None  # the process group of the run's collectives (None: the default group)
+    ddp: Any = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_env(cls, environ=None) -> "World":
@@ -181,25 +184,41 @@ class World:
 
     def close(self) -> None:
         """Leave the process group: once every rank is here (unless a collective failed), so that no rank
-        exits, and makes torchrun end the others, while rank 0 is still writing the run's files."""
+        exits, and makes torchrun end the others, while rank 0 is still writing the run's files.
+
+        Then, in this order: DDP's wrapper and its reducer are released (the reducer holds the run's
+        group), the run's own group is destroyed, then the default group. Gloo's destructor joins its
+        worker threads while this thread holds the GIL, so nothing may be left for a worker to free
+        that needs the GIL: no group may die later, at an arbitrary garbage collection or at
+        interpreter exit, and the barrier's tensor stays referenced here until the groups are gone
+        (a tensor whose Python object died while a gloo work still held it is freed by that worker,
+        under the GIL)."""
         if not self.started:
+            self.ddp = None
             return
         if threading.current_thread() is threading.main_thread():
             # From here on this process only leaves. When another rank leaves first, torchrun sends the
             # rest SIGTERM: it must not cut short an exit whose code already says how the run ended.
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, signal.SIG_IGN)
+        barrier = torch.zeros(1)
         try:
             if not self.broken:
-                self.all_reduce(torch.zeros(1))  # a barrier over gloo, whatever the device
+                self.all_reduce(barrier)  # a barrier over gloo, whatever the device
         except DistributedError:
             pass
         finally:
-            try:
-                dist.destroy_process_group()
-            except Exception:  # a broken group may not tear down cleanly; the process is ending anyway
-                pass
+            self.ddp = None
+            gc.collect()  # DDP's module and hooks refer to each other: free the reducer, and its group, now
+            group, self.group = self.group, None
+            for pg in ([group] if group is not None else []) + [None]:
+                try:
+                    dist.destroy_process_group(pg)
+                except Exception:  # a broken group may not tear down cleanly; the process is ending anyway
+                    pass
+            del group
             self.started = False
+        del barrier
 
     # -------------------------------------------------------------------------------- collectives
 
@@ -339,13 +358,15 @@ class StepModule(nn.Module):
 
 
 def wrap_model(model: nn.Module, world: World, device: torch.device) -> Optional[DistributedDataParallel]:
-    """DDP over `model` (None with one rank: no wrapper, no overhead). The heads' buffers are
-    constants, so they are not broadcast at every forward."""
+    """DDP over `model` (None with one rank: no wrapper, no overhead), kept as `world.ddp` until
+    `world.close()` releases it. The heads' buffers are constants, so they are not broadcast at
+    every forward."""
     if world.size == 1:
         return None
     params = inspect.signature(DistributedDataParallel.__init__).parameters
     quiet_buffers = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-    return world.collective(
+    world.ddp = world.collective(
         "wrapping the model in DistributedDataParallel", DistributedDataParallel, StepModule(model),
         device_ids=[device.index] if device.type == "cuda" else None, process_group=world.group, **quiet_buffers,
     )
+    return world.ddp

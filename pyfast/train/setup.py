@@ -392,8 +392,13 @@ class Run:
     stats: RunStats
     rng: RngState
     log: Callable[[str], None]
-    ddp: Optional[torch.nn.Module] = None  # DistributedDataParallel over the heads, with several ranks
     backbone_info: dict = field(default_factory=dict)  # describe_backbone's: summary.json and checkpoints
+
+    @property
+    def ddp(self) -> Optional[torch.nn.Module]:
+        """DistributedDataParallel over the heads, with several ranks; the world owns it and releases it
+        when it closes (None then, and with one rank)."""
+        return self.world.ddp
 
     @property
     def world_size(self) -> int:
@@ -625,7 +630,7 @@ def _prepare(config: TrainConfig, resume: Optional[dict], log: Callable[[str], N
     run.features.cache = cache
     if cache is not None:
         data.dataset.features = CachedFeatures(cache, layout, use)
-    run.ddp = wrap_model(model, world, device)
+    wrap_model(model, world, device)  # run.ddp: the world keeps it until it closes
     if resume is not None and world.size > 1:
         share_skipped(run.skips, paths.skipped, world)
     if resume is not None:
