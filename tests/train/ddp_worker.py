@@ -1,19 +1,26 @@
 """One rank of a small distributed run, started by `torch.multiprocessing.spawn` from the tests.
 
 Each rank writes what it saw to RECORD_DIR/rank<R>.json: the global indices of the samples of every
-training step it took part in (by epoch; skipped samples included), how its run ended, and a
-digest of its parameters at the end.
+training step it took part in (by epoch; skipped samples included), how its run ended, a digest of
+its parameters at the end, and what closing the world released.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import json
 import os
 import socket
 import time
+import weakref
 
 import torch
+import torch.distributed as dist
+
+# A rank still running after this long is hung (a run here takes seconds): it prints every thread's
+# stack to stderr and exits with an error, so the test fails saying where instead of blocking.
+RANK_TIMEOUT_S = 240
 
 
 def free_port() -> int:
@@ -40,6 +47,7 @@ def _hook(faults: dict, rank: int):
 def run_rank(rank: int, size: int, port: int, config: dict, record_dir: str, faults: dict, resume: bool) -> None:
     """faults: {"nan": [rank, step], "raise": [rank, step]} planted in the loss; {"config": {rank: {...}}}:
     settings of one rank only (a rank that cannot start)."""
+    faulthandler.dump_traceback_later(RANK_TIMEOUT_S, exit=True)
     config = {**config, **faults.get("config", {}).get(str(rank), {})}
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size),
                       LOCAL_RANK=str(rank))
@@ -74,5 +82,11 @@ def run_rank(rank: int, size: int, port: int, config: dict, record_dir: str, fau
         if "run" in locals():
             for tensor in run.model.state_dict().values():
                 digest.update(tensor.cpu().numpy().tobytes())
+        wrapper = weakref.ref(world.ddp) if world.ddp is not None else None
+        own_group = world.group is not None  # --dist-timeout other than the start's: set_timeout made one
+    # closed while `run` is still referenced here: DDP's wrapper (and its reducer's hold on the
+    # groups) must be gone all the same, and every group destroyed
+    released = {"ddp": wrapper is not None and wrapper() is None, "own_group": own_group,
+                "groups": not dist.is_initialized()}
     with open(os.path.join(record_dir, f"rank{rank}.json"), "w") as handle:
-        json.dump({"seen": seen, "outcome": outcome, "params": digest.hexdigest()}, handle)
+        json.dump({"seen": seen, "outcome": outcome, "params": digest.hexdigest(), "released": released}, handle)

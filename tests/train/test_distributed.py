@@ -25,7 +25,7 @@ import torch
 import torch.multiprocessing as mp
 
 import pyfast
-from ddp_worker import free_port, run_rank
+from ddp_worker import RANK_TIMEOUT_S, free_port, run_rank
 from pyfast.cli.train import main
 from pyfast.train import DistributedError, World
 from pyfast.train.metrics import read_jsonl
@@ -62,7 +62,15 @@ def _spawn(tmp_path: Path, name: str, data: list, faults: dict, resume: bool = F
     start = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
     if start == "forkserver":
         mp.set_forkserver_preload(PRELOAD)  # takes effect when the server starts, on first use
-    mp.start_processes(run_rank, args=(2, free_port(), config, str(records), faults, resume), nprocs=2, start_method=start)
+    ranks = mp.start_processes(run_rank, args=(2, free_port(), config, str(records), faults, resume), nprocs=2,
+                               start_method=start, join=False)
+    deadline = time.monotonic() + RANK_TIMEOUT_S + 30  # the ranks' own limit first: their stacks are on stderr
+    while not ranks.join(timeout=1):
+        if time.monotonic() > deadline:
+            hung = [rank for rank, process in enumerate(ranks.processes) if process.is_alive()]
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"run {name}: rank(s) {hung} still running after {RANK_TIMEOUT_S + 30} s: hung")
     return {rank: json.loads((records / f"rank{rank}.json").read_text()) for rank in (0, 1)}
 
 
@@ -122,6 +130,8 @@ def test_two_ranks_train_one_run(reference):
     run, ranks = reference
     for rank in (0, 1):
         assert ranks[rank]["outcome"] == {"status": "completed", "steps": STEPS}
+        # closing the world released DDP and destroyed the default group, though the run was still referenced
+        assert ranks[rank]["released"] == {"ddp": True, "own_group": False, "groups": True}
     assert ranks[0]["params"] == ranks[1]["params"]  # the ranks never diverged, the skipped step included
     # each training sample met exactly once per epoch, across the ranks; rank 0's part of the last slot is empty
     epochs = []
@@ -160,6 +170,7 @@ def test_two_ranks_train_one_run(reference):
 def test_a_failing_rank_stops_every_rank_and_the_run_resumes_exactly(tmp_path, reference, data):
     full, _ = reference
     ranks = _spawn(tmp_path, "split", data, {"nan": NAN_AT, "raise": RAISE_AT})
+    assert all(ranks[rank]["released"] == {"ddp": True, "own_group": False, "groups": True} for rank in (0, 1))
     assert ranks[1]["outcome"] == {"error": "RuntimeError", "message": "planted failure at step 5"}
     assert ranks[0]["outcome"]["error"] == "RankFailed"
     assert "rank 1 failed: RuntimeError: planted failure at step 5" in ranks[0]["outcome"]["message"]
@@ -190,6 +201,8 @@ def test_a_rank_that_cannot_start_stops_every_rank_before_anything_is_written(tm
 
 def test_a_rank_that_stops_answering_fails_the_others_after_the_timeout(tmp_path, data):
     ranks = _spawn(tmp_path, "stall", data, {"stall": [1, 3, 4]}, dist_timeout=1)
+    # the run's own group (--dist-timeout 1) and DDP over it are released even after a failed collective
+    assert all(ranks[rank]["released"] == {"ddp": True, "own_group": True, "groups": True} for rank in (0, 1))
     assert ranks[0]["outcome"]["error"] == "DistributedError"
     assert "the gradient all-reduce failed" in ranks[0]["outcome"]["message"]
     assert "--dist-timeout 1 s" in ranks[0]["outcome"]["message"]
@@ -249,9 +262,15 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, data):
                    if "RANK" in p.environ()}
         assert sorted(workers) == [0, 1]
         workers[1].send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=90)
+        try:
+            out, err = proc.communicate(timeout=RANK_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            hung = sorted(rank for rank, p in workers.items() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE)
+            pytest.fail(f"rank(s) {hung} still running {RANK_TIMEOUT_S} s after SIGTERM to rank 1: hung")
     finally:
         if proc.poll() is None:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
             proc.kill()
     assert proc.returncode != 0  # torchrun reports the ranks' exit code 143 as a failure
     assert err.count("exitcode  : 143") == 2, err  # both ranks stopped by the agreed SIGTERM
