@@ -6,6 +6,11 @@ run's checkpoint and accepts only the changes that keep its continuation exact. 
 line on stderr (`pyfast-train: error: ...`): exit 2 before training starts, 1 when training fails
 or diverges, 3 when memory grew past --max-memory-growth (checkpoint saved), 130 for Ctrl-C,
 128 + N when signal N stopped the run (it resumes).
+
+Under torchrun (`torchrun --nproc-per-node N $(which pyfast-train) ...`) every process runs this
+with the same arguments; rank 0 prints the table and the errors every rank shares, another rank
+prints only an error of its own that the others could not be told about (a lost connection).
+Every rank exits with the same code.
 """
 
 from __future__ import annotations
@@ -56,41 +61,74 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace, started: float) -> int:
     from pyfast.cli.options import config_layers
+    from pyfast.train import ConfigError, World
+    from pyfast.train.config import default_of
+    from pyfast.train.distributed import DistributedError
+
+    try:
+        layers = config_layers(args)
+        world = World.from_env()
+        # the process group's timeout until the run's own setting is known (on --resume, from its checkpoint)
+        world.start(next((layer["dist_timeout"] for layer in reversed(layers) if "dist_timeout" in layer),
+                         default_of("dist_timeout")))
+    except (ConfigError, DistributedError) as error:
+        return _fail(str(error))
+    try:
+        return _train(args, layers, world, started)
+    finally:
+        world.close()
+
+
+def _train(args: argparse.Namespace, layers: list, world, started: float) -> int:
     from pyfast.data import MissingSourceError, TooManyBadSamples
     from pyfast.models import BackboneError
     from pyfast.models.weights import WeightsError
     from pyfast.train import (
-        CheckpointError, ConfigError, FeatureError, RunDirError, TrainingDiverged, build_config, format_table,
-        plan_resume, prepare, train,
+        CheckpointError, ConfigError, FeatureError, RankFailed, RunDirError, TrainingDiverged, build_config,
+        format_table, plan_resume, prepare, train,
     )  # fmt: skip
+    from pyfast.train.distributed import DistributedError, agreed
     from pyfast.train.loop import exit_code
     from pyfast.train.memory import STOPPED_BY
     from pyfast.train.setup import DataError
 
+    def fail(error: BaseException, code: int) -> int:
+        if world.is_main or not agreed(error):  # rank 0 speaks for every rank; others only of what it cannot know
+            prefix = "" if world.size == 1 or agreed(error) else f"rank {world.rank}: "
+            _fail(prefix + str(error), code)
+        return code
+
+    def refuse(message: str) -> int:  # a mistake in the arguments, which every rank shares
+        return _fail(message) if world.is_main else 2
+
     try:
-        layers = config_layers(args)
         if args.resume:
             out = layers[-1].get("out")
             run_dir = args.resume if isinstance(args.resume, str) else out
             if not run_dir:
-                return _fail("--resume needs a run directory: --resume RUN_DIR (or --out RUN_DIR --resume)")
+                return refuse("--resume needs a run directory: --resume RUN_DIR (or --out RUN_DIR --resume)")
             if out is not None and isinstance(args.resume, str) and os.path.abspath(out) != os.path.abspath(args.resume):
-                return _fail(f"--resume {args.resume} and --out {out} name different run directories")
-            config, checkpoint = plan_resume(run_dir, layers)
-            run = prepare(config, resume=checkpoint)
+                return refuse(f"--resume {args.resume} and --out {out} name different run directories")
+            # rank 0 reads the checkpoint; every rank continues from that one copy
+            config, checkpoint = world.on_main(lambda: plan_resume(run_dir, layers, world_size=world.size))
+            run = prepare(config, resume=checkpoint, world=world)
         else:
-            run = prepare(build_config(*layers))
+            run = prepare(build_config(*layers), world=world)
     except (ConfigError, RunDirError, DataError, MissingSourceError, BackboneError, WeightsError, CheckpointError,
-            FeatureError) as error:
-        return _fail(str(error))
+            FeatureError, RankFailed, DistributedError) as error:
+        return fail(error, 2)
 
     try:
         summary = train(run, progress_bar=False if args.no_progress else None, started=started)
     except KeyboardInterrupt:
         return _fail(f"interrupted; run directory {run.paths.path} (continue with: {PROG} --resume {run.paths.path})", 130)
-    except (TrainingDiverged, TooManyBadSamples, CheckpointError, FeatureError, OSError) as error:
-        print(format_table(_read_summary(run)))
-        return _fail(str(error), 1)
+    except (TrainingDiverged, TooManyBadSamples, CheckpointError, FeatureError, OSError, RankFailed,
+            DistributedError) as error:
+        if world.is_main:
+            print(format_table(_read_summary(run)))
+        return fail(error, 1)
+    if not world.is_main:
+        return 1 if summary["status"] == "diverged" else exit_code(summary)
     print(format_table(summary))
     if summary["status"] == "diverged":
         return _fail(f"the model diverged: {summary['val_nonfinite_boxes']} validation boxes are non-finite "

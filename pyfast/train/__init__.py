@@ -7,7 +7,11 @@
 Pieces: `config` (fields, flags, YAML), `setup` (data, backbone and features, model and optimizer,
 resume), `state` (progress and statistics objects), `step` (`train_step`), `evaluate`
 (`validate`), `loop` (the epoch loop), `objective` (the loss), `features` (cache and backbone),
-`checkpoint`, `guards`, `signals`, `metrics`, `plots`, `summary`.
+`sharding` (the epoch's order and each rank's share), `distributed` (ranks under torchrun: the
+process group, DDP, agreement), `checkpoint`, `guards`, `signals`, `metrics`, `plots`, `summary`.
+
+Under torchrun, `prepare(config)` joins the ranks torchrun started (`World.from_env()`), or pass
+`world=` explicitly: `with World.from_env() as world: train(prepare(config, world=world))`.
 """
 
 from pyfast.train.checkpoint import (
@@ -18,6 +22,7 @@ from pyfast.train.checkpoint import (
     save_checkpoint,
 )
 from pyfast.train.config import FAST, ConfigError, TrainConfig, build_config, load_yaml
+from pyfast.train.distributed import DistributedError, RankFailed, World
 from pyfast.train.evaluate import validate
 from pyfast.train.features import FeatureError
 from pyfast.train.guards import NonFiniteGuard, TrainingDiverged
@@ -32,15 +37,18 @@ __all__ = [
     "FAST",
     "CheckpointError",
     "ConfigError",
+    "DistributedError",
     "FeatureError",
     "LoadReport",
     "LossWeights",
     "NonFiniteGuard",
+    "RankFailed",
     "Run",
     "RunDirError",
     "StepResult",
     "TrainConfig",
     "TrainingDiverged",
+    "World",
     "build_config",
     "format_table",
     "load_checkpoint",

@@ -157,6 +157,9 @@ class TrainConfig:
                                         help="the leak rule's settings: host_mb, workers_mb, cuda_mb, fds (bounds per "
                                         "1000 steps; 10, 10, 10, 5), warmup_steps (200), window (60 samples), "
                                         "min_samples (20), min_steps (200), confidence (0.95)")
+    dist_timeout: float = option(600.0, group="run", above=0.0, metavar="S",
+                                 help="with several processes (torchrun): seconds a collective waits for the other "
+                                 "ranks before the run stops with an error")
     fast: bool = option(False, group="run", help="the quick preset (recorded; the --fast flag applies FAST)")
 
     def validate(self) -> "TrainConfig":

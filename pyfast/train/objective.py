@@ -33,6 +33,12 @@ class LossWeights:
     box_mode: str = "giou"
 
 
+def loss_part_names(iou_head: bool) -> list[str]:
+    """The names of `refiner_loss`'s parts, in order, known before any batch is seen (a rank without
+    a box in a step still reports them)."""
+    return ["box", "mask"] + (["iou"] if iou_head else [])
+
+
 def refiner_loss(
     out: RefinerOutput,
     gt_boxes: torch.Tensor,

@@ -9,6 +9,10 @@ image size), opens the data sources, probes the backbone, builds the heads, opti
 and scaler, restores a checkpoint when resuming, and checks that the output folders are writable,
 all before creating anything on disk: a start that fails (a weights file that does not fit
 included) leaves no run directory, and a refused `--resume` leaves the run's config.yaml as it was.
+
+With several ranks (`pyfast.train.distributed`) every rank builds and checks the same run; the ranks
+agree that all of them succeeded before rank 0 creates the run directory, and again once it has,
+so a start that fails on any rank stops every rank with one message. Rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -28,25 +32,28 @@ from torch.utils.data import DataLoader
 
 from pyfast import _native
 from pyfast.cache import FeatureCache, module_digest
-from pyfast.data import Letterbox, RobustDataset, SkipTracker, build_sources, collate
+from pyfast.data import Letterbox, RobustDataset, SkippedSample, SkipTracker, TooManyBadSamples, build_sources, collate
 from pyfast.models import DEFAULT_BACKBONE, BackboneError, FeatureMap, Refiner, load_backbone, probe
 from pyfast.models.weights import WeightsError
 from pyfast.train.checkpoint import CheckpointError, load_checkpoint, load_state_dict_checked, save_checkpoint
 from pyfast.train.config import (DEFAULT_IMAGE_SIZE, FAST, FIELDS, ConfigError, TrainConfig, build_config, flag_name,
                                  save_config)
+from pyfast.train.distributed import World, agreed, wrap_model
 from pyfast.train.features import STORE_DTYPES, CachedFeatures, FeatureProvider, feature_fingerprint
 from pyfast.train.guards import NonFiniteGuard
 from pyfast.train.memory import RunMemory, parse_rule
-from pyfast.train.metrics import truncate_after
+from pyfast.train.metrics import read_jsonl, truncate_after
 from pyfast.train.objective import LossWeights
 from pyfast.train.rundir import RunDir, RunDirError, check_files_writable, check_writable, default_run_dir
+from pyfast.train.sharding import epoch_order, micro_slots, rank_batches, rank_share, slot_weight
 from pyfast.train.state import Progress, RngState, RunStats
 
 SPLIT_SEED = 20261123  # the train/val split does not move with --seed: runs compare on one val set
 CHECKPOINT_FORMAT = "pyfast.train/2"
 # Settings a resumed run may change without breaking its exact continuation.
 RESUME_SAFE = ("max_steps", "workers", "checkpoint_every", "max_nonfinite_in_a_row", "max_skip_fraction",
-               "memory_every", "max_memory_growth", "memory_rule", "cache_dir", "out", "device", "fast")
+               "memory_every", "max_memory_growth", "memory_rule", "cache_dir", "out", "device", "fast",
+               "dist_timeout")
 # Allowed, but it changes the schedule from the resume point on (the log says how).
 RESUME_RESCHEDULES = ("epochs",)
 OPTIONAL_ENTRIES = ("memory",)  # checkpoints of this format written before these entries existed lack them
@@ -55,10 +62,23 @@ OPTIONAL_ENTRIES = ("memory",)  # checkpoints of this format written before thes
 # ---------------------------------------------------------------------------------------- devices
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, world: Optional[World] = None) -> torch.device:
+    """The device of --device `name` for this process. Under torchrun each rank uses the GPU of its
+    LOCAL_RANK: `auto` and `cuda` mean that one, and naming another GPU is refused."""
+    world = world or World()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)  # its form was checked with the config
+    if device.type == "cuda" and world.size > 1:
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index != world.local_rank:
+            raise ConfigError(f"--device {name}: under torchrun each process uses the GPU of its LOCAL_RANK "
+                              f"(cuda:{world.local_rank} here); pass --device cuda or auto")
+        if world.local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {world.local_rank} but this machine has {torch.cuda.device_count()} CUDA "
+                              "device(s): start at most one process per GPU (--nproc-per-node)")
+        device = torch.device("cuda", world.local_rank)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {name}: CUDA is not available on this machine")
@@ -117,10 +137,11 @@ def seed_everything(seed: int) -> None:
 @dataclass
 class TrainData:
     """The data set of a run, split once into training and validation indices (global indices of
-    `dataset`), and the DataLoaders over them.
+    `dataset`), this rank's share of them, and the DataLoaders over them.
 
-    The order of an epoch is a pure function of (seed, epoch): a checkpoint records its position
-    as (epoch, micro-batch) and a resumed run continues exactly there.
+    The order of an epoch is a pure function of (seed, epoch), and this rank's batches of it of
+    (seed, epoch, rank, world size) (`pyfast.train.sharding`): a checkpoint records the global
+    position (epoch, micro-batch slot) and a resumed run continues exactly there.
     """
 
     dataset: RobustDataset
@@ -130,24 +151,32 @@ class TrainData:
     workers: int
     pin_memory: bool
     seed: int
+    rank: int = 0
+    world_size: int = 1
 
     @property
     def micro_per_epoch(self) -> int:
-        # every training sample is met once an epoch (the last batch may be smaller), so the first
-        # epoch fills the feature cache completely
-        return math.ceil(len(self.train_indices) / self.batch_size)
+        # every training sample is met once an epoch across the ranks (the last slot may be short),
+        # so the first epoch fills the feature cache completely
+        return micro_slots(len(self.train_indices), self.batch_size, self.world_size)
 
     def steps_per_epoch(self, accumulate: int) -> int:
         return math.ceil(self.micro_per_epoch / accumulate)
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        perm = torch.randperm(len(self.train_indices), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-        order = [self.train_indices[i] for i in perm.tolist()]
-        bs = self.batch_size
-        return [order[i * bs : (i + 1) * bs] for i in range(self.micro_per_epoch)]
+        """This rank's batch of each micro-batch slot of `epoch` (possibly empty in the last slot)."""
+        order = epoch_order(self.train_indices, self.seed, epoch)
+        return rank_batches(order, self.batch_size, self.rank, self.world_size)
+
+    def weight(self, slot: int) -> float:
+        """The factor on this rank's loss in micro-batch slot `slot` (1.0 unless the slot is short)."""
+        if self.world_size == 1:
+            return 1.0
+        return slot_weight(len(self.train_indices), slot, self.batch_size, self.rank, self.world_size)
 
     def val_batches(self) -> list[list[int]]:
-        idx, bs = self.val_indices, self.batch_size
+        """This rank's share of the validation set, in batches."""
+        idx, bs = rank_share(self.val_indices, self.rank, self.world_size), self.batch_size
         return [idx[i : i + bs] for i in range(0, len(idx), bs)]
 
     def loader(self, batches: list[list[int]]) -> DataLoader:
@@ -163,7 +192,7 @@ class DataError(ValueError):
     """The data sources could not be opened; the message is the data layer's, `__cause__` its exception."""
 
 
-def build_data(cfg: TrainConfig, device: torch.device, log: Callable[[str], None]) -> TrainData:
+def build_data(cfg: TrainConfig, device: torch.device, log: Callable[[str], None], world: Optional[World] = None) -> TrainData:
     """Open the sources, letterbox, split. Whatever the data layer raises while opening them
     becomes a DataError carrying its message on one line (its class named when it is neither an
     OSError nor a ValueError, whose messages are written for users)."""
@@ -185,8 +214,9 @@ def build_data(cfg: TrainConfig, device: torch.device, log: Callable[[str], None
         raise ConfigError(f"{n} samples leave none for training after the validation split (--val-fraction {cfg.val_fraction:g})")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
     workers = cfg.workers if cfg.workers is not None else (2 if device.type == "cuda" else 0)
+    world = world or World()
     return TrainData(dataset, sorted(order[n_val:]), sorted(order[:n_val]), cfg.batch_size, workers,
-                     device.type == "cuda", cfg.seed)
+                     device.type == "cuda", cfg.seed, world.rank, world.size)
 
 
 # ----------------------------------------------------------------------------- backbone, features
@@ -350,7 +380,7 @@ class Run:
     device: torch.device
     precision: str
     backend: str
-    world_size: int
+    world: World
     data: TrainData
     features: FeatureProvider
     model: Refiner
@@ -367,6 +397,16 @@ class Run:
     memory: RunMemory
     log: Callable[[str], None]
     backbone_info: dict = field(default_factory=dict)  # describe_backbone's: summary.json and checkpoints
+
+    @property
+    def ddp(self) -> Optional[torch.nn.Module]:
+        """DistributedDataParallel over the heads, with several ranks; the world owns it and releases it
+        when it closes (None then, and with one rank)."""
+        return self.world.ddp
+
+    @property
+    def world_size(self) -> int:
+        return self.world.size
 
     @property
     def steps_per_epoch(self) -> int:
@@ -392,6 +432,7 @@ class Run:
             "format": CHECKPOINT_FORMAT,
             "config": self.cfg.as_dict(),
             "data": self.data.identity(),
+            "world_size": self.world.size,
             "device": str(self.device),
             "backbone": self.backbone_info,
             **{name: obj.state_dict() for name, obj in self.stateful().items()},
@@ -404,7 +445,10 @@ class Run:
                 continue
             obj.load_state_dict(payload[name])
 
-    def save(self, name: str = "last") -> Path:
+    def save(self, name: str = "last") -> Optional[Path]:
+        """Write checkpoints/NAME.pt (rank 0 alone: the ranks hold the same state)."""
+        if not self.world.is_main:
+            return None
         path = self.paths.checkpoints / f"{name}.pt"
         save_checkpoint(path, self.checkpoint())
         return path
@@ -413,13 +457,26 @@ class Run:
 # ------------------------------------------------------------------------------------------ resume
 
 
-def plan_resume(run_dir, layers: list[dict], log: Callable[[str], None] = print) -> tuple[TrainConfig, dict]:
+def _check_world_size(run_dir, checkpoint: dict, size: int) -> None:
+    before = int(checkpoint.get("world_size", 1))
+    if before != size:
+        raise CheckpointError(
+            f"--resume {run_dir}: the run was trained with world size {before} and this start has world size "
+            f"{size}; the batches of a step, the steps of an epoch and the learning-rate schedule depend on "
+            f"it, so resume with {before} process{'es' if before > 1 else ''} in all (torchrun --nnodes x "
+            f"--nproc-per-node), or start a new run with another --out"
+        )
+
+
+def plan_resume(run_dir, layers: list[dict], log: Callable[[str], None] = print,
+                world_size: Optional[int] = None) -> tuple[TrainConfig, dict]:
     """The configuration and the checkpoint of a run to continue.
 
     The checkpoint's own config is the base (config.yaml is for reading); `layers` (--fast,
     --config, flags) may only change what keeps the continuation exact (RESUME_SAFE) or `epochs`
     (the log says how the schedule changes); anything else raises ConfigError naming the settings.
-    Nothing is written.
+    `world_size`: the world of this start, refused early when it differs from the checkpoint's
+    (`prepare` checks it in any case). Nothing is written.
     """
     paths = RunDir(Path(run_dir))
     if not paths.last.exists():
@@ -429,6 +486,8 @@ def plan_resume(run_dir, layers: list[dict], log: Callable[[str], None] = print)
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {paths.last} has format {checkpoint.get('format')!r}, this pyfast resumes "
                               f"{CHECKPOINT_FORMAT!r}; start a new run")
+    if world_size is not None:
+        _check_world_size(run_dir, checkpoint, world_size)
     saved = checkpoint["config"]
     try:
         merged = build_config(saved, *layers, {"out": str(run_dir)})
@@ -470,25 +529,53 @@ def prepare(
     *,
     resume: Optional[dict] = None,
     log: Callable[[str], None] = print,
+    world: Optional[World] = None,
 ) -> Run:
     """Build a run from `config` (and the checkpoint to continue, from `plan_resume`). Every check
-    happens before the run directory or the cache is created or written."""
+    happens before the run directory or the cache is created or written.
+
+    world: the ranks of the run (default: what torchrun's environment says, started here; a plain
+    process is rank 0 of 1). Every rank builds the same run; a failure on any rank raises on every
+    rank (the others raise RankFailed naming it), before anything is written when it happens during
+    the checks. `log` prints on rank 0 only.
+    """
+    world = (world if world is not None else World.from_env()).start()  # a no-op once started
+    try:
+        return _prepare(config, resume, log, world)
+    except BaseException as error:
+        if world.size > 1 and not world.broken and not agreed(error):
+            world.agree(error)  # meet the other ranks at the agreement they are waiting at; raises
+        raise
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
+def _prepare(config: TrainConfig, resume: Optional[dict], log: Callable[[str], None], world: World) -> Run:
+    # Collectives first, while every rank is bound to reach them: the config is the same everywhere.
     cfg = config.validate()
-    paths = RunDir(Path(cfg.out) if cfg.out else default_run_dir())
-    if resume is None and paths.holds_run():
-        raise RunDirError(
-            f"--out {paths.path} already holds a run; continue it with `pyfast-train --resume {paths.path}` "
-            "or pick another --out (delete the folder to start over there)"
-        )
-    check_writable(paths.path, "--out" if resume is None else "--resume")
+    world.set_timeout(cfg.dist_timeout)
+    paths = RunDir(Path(cfg.out) if cfg.out else world.broadcast(default_run_dir() if world.is_main else None))
+    if not world.is_main:
+        log = _quiet
     if resume is not None:
-        check_files_writable([paths.config, paths.metrics, paths.val, paths.skipped, paths.last], "--resume")
+        _check_world_size(paths.path, resume, world.size)
+    if world.is_main:  # the run directory is rank 0's alone (on other machines it may not even exist)
+        if resume is None and paths.holds_run():
+            raise RunDirError(
+                f"--out {paths.path} already holds a run; continue it with `pyfast-train --resume {paths.path}` "
+                "or pick another --out (delete the folder to start over there)"
+            )
+        check_writable(paths.path, "--out" if resume is None else "--resume")
+        if resume is not None:
+            check_files_writable([paths.config, paths.metrics, paths.val, paths.skipped, paths.last], "--resume")
     cache_root = None
     if cfg.cache_dir is None or cfg.cache_dir.lower() != "off":
         cache_root = Path(cfg.cache_dir) if cfg.cache_dir else paths.cache
-        check_writable(cache_root, "--cache-dir")
+        check_writable(cache_root, "--cache-dir")  # every rank writes its share of the cache
 
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, world)
     precision = resolve_precision(cfg.precision, device)
     if precision == "fp16" and device.type == "cpu":
         log("warning: fp16 on CPU is slow and needs a GradScaler; bf16 is the CPU choice")
@@ -498,7 +585,7 @@ def prepare(
     seed_everything(cfg.seed)
 
     backbone = load_run_backbone(cfg, log)  # first: its input size is the data's image size
-    data = build_data(cfg, device, log)
+    data = build_data(cfg, device, log, world)
     layout, use = build_backbone(cfg, backbone.to(device), device)
     backbone_info = describe_backbone(cfg, backbone, layout, use)
     for line in backbone_lines(backbone_info, getattr(backbone, "weights_report", None)):
@@ -512,14 +599,15 @@ def prepare(
     fingerprint = feature_fingerprint(backbone, data.dataset.preprocess.fingerprint(), cfg.image_size, precision, store_dtype)
     autocast = autocast_for(device, precision)
     run = Run(
-        cfg=cfg, paths=paths, device=device, precision=precision, backend=backend, world_size=1, data=data,
+        cfg=cfg, paths=paths, device=device, precision=precision, backend=backend, world=world, data=data,
         # the cache is attached once it exists, after every check
         features=FeatureProvider(backbone, layout, use, None, device, autocast, store_dtype),
         model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, autocast=autocast,
         weights=LossWeights(cfg.box_weight, cfg.mask_weight, cfg.iou_weight, cfg.box_loss),
         guard=NonFiniteGuard(cfg.max_nonfinite_in_a_row),
-        skips=SkipTracker(len(data.dataset), max_fraction=cfg.max_skip_fraction, log_path=paths.skipped,
-                          resume=resume is not None),
+        # Every rank counts skipped samples (the records of all ranks are merged at each step); rank 0 logs them.
+        skips=SkipTracker(len(data.dataset), max_fraction=cfg.max_skip_fraction,
+                          log_path=paths.skipped if world.is_main else None, resume=resume is not None),
         progress=Progress(), stats=RunStats(), rng=RngState(),
         memory=RunMemory(cfg.memory_every, parse_rule(cfg.memory_rule), cfg.max_memory_growth, log), log=log,
         backbone_info=backbone_info,
@@ -534,26 +622,61 @@ def prepare(
             log(f"note: the run continues on {device} after {resume['device']}: its numbers will not be bit-identical "
                 "to an uninterrupted run")
 
-    # ---- everything checked: create and write
-    created = not paths.path.exists()
+    # ---- everything checked, on every rank: rank 0 creates and writes, then the others open the cache
+    world.agree()
+    created = world.is_main and not paths.path.exists()
     try:
-        paths.path.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, paths.config)
-        cache = FeatureCache(cache_root, fingerprint, dtype=store_dtype) if cache_root is not None else None
-        if resume is not None:
-            truncate_after(paths.metrics, run.progress.step)
-            truncate_after(paths.val, run.progress.step)
-        run.memory.attach(paths.path)  # memory.jsonl / memory.json (on a resume: back to the checkpoint's samples)
-    except BaseException as error:  # the checks above passed, yet the file system said no, or Ctrl-C
+        cache = world.attempt(_create_run_dir, cfg, paths, cache_root, fingerprint, store_dtype, resume is not None,
+                              run.progress.step) if world.is_main else None
+        world.agree()
+        if not world.is_main and cache_root is not None:
+            # the same folder: one cache for all ranks
+            cache = world.attempt(lambda: FeatureCache(cache_root, fingerprint, dtype=store_dtype))
+        world.agree()
+        if world.is_main:  # memory.jsonl / memory.json (on a resume: back to the checkpoint's samples)
+            world.attempt(run.memory.attach, paths.path)
+        world.agree()
+    except BaseException:  # this rank or another failed, or Ctrl-C: a start that fails leaves nothing behind
         if created:
             shutil.rmtree(paths.path, ignore_errors=True)
-        if isinstance(error, OSError):
-            raise RunDirError(f"cannot write the run directory {paths.path}: {error.strerror or error}") from None
         raise
     run.features.cache = cache
     if cache is not None:
         data.dataset.features = CachedFeatures(cache, layout, use)
+    wrap_model(model, world, device)  # run.ddp: the world keeps it until it closes
+    if resume is not None and world.size > 1:
+        share_skipped(run.skips, paths.skipped, world)
     if resume is not None:
         p = run.progress
         log(f"resumed {paths.path} at step {p.step} (epoch {p.epoch + 1}, batch {p.micro})")
     return run
+
+
+def _create_run_dir(cfg: TrainConfig, paths: RunDir, cache_root: Optional[Path], fingerprint: str, store_dtype,
+                    resuming: bool, step: int) -> Optional[FeatureCache]:
+    """Rank 0's writes once every check passed: the run directory, config.yaml, the feature cache (its
+    folder), and, on a resume, metrics and validation records cut back to the checkpoint's step."""
+    try:
+        paths.path.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, paths.config)
+        cache = FeatureCache(cache_root, fingerprint, dtype=store_dtype) if cache_root is not None else None
+        if resuming:
+            truncate_after(paths.metrics, step)
+            truncate_after(paths.val, step)
+    except OSError as error:  # the checks passed, yet the file system said no
+        raise RunDirError(f"cannot write the run directory {paths.path}: {error.strerror or error}") from None
+    return cache
+
+
+def share_skipped(skips: SkipTracker, path: Path, world: World) -> None:
+    """Rank 0's skipped-sample records of a resumed run (read from skipped.jsonl) counted on every rank too."""
+    records = None
+    if world.is_main:
+        records = [SkippedSample(source=r["source"], file=r["file"], reason=r["reason"], index=int(r["index"]),
+                                 category=r.get("category", "")) for r in read_jsonl(path)]
+    records = world.broadcast(records)
+    if not world.is_main:
+        try:
+            skips.record(records)
+        except TooManyBadSamples:  # rank 0 does not raise on reading them either: all ranks raise at the next record
+            pass

@@ -9,7 +9,11 @@ from pyfast.train.memory import memory_line
 
 
 def summarize(run, status: str) -> dict:
-    """summary.json's dict: what ran (backend, device, precision, world size), how fast, how well."""
+    """summary.json's dict: what ran (backend, device, precision, world size), how fast, how well.
+
+    With several ranks the counts and samples/s are totals over the ranks; s/batch and the warm
+    step's shares are rank 0's times (the ranks run in lockstep: each micro-batch slot is one batch
+    on every rank); `device` is rank 0's."""
     stats, last = run.stats, run.stats.last_val
     warm_cache = stats.warm.cache
     micro_per_epoch = run.data.micro_per_epoch
@@ -24,9 +28,12 @@ def summarize(run, status: str) -> dict:
         "world_size": run.world_size,
         "s_per_batch_cold": stats.cold.s_per_batch,
         "s_per_batch_warm": stats.warm.s_per_batch,
+        "samples_per_s_cold": stats.cold.samples_per_s,
+        "samples_per_s_warm": stats.warm.samples_per_s,
         "cache": run.features.cache is not None,
         "cache_hit_rate": warm_cache.hit_rate,
         "cache_lookups_warm": warm_cache.lookups,
+        "backbone_samples": stats.backbone_samples,
         "cache_corrupt": stats.corrupt,
         "val_iou_input": last.get("val_iou_input"),
         "val_iou_refined": last.get("val_iou_refined"),
@@ -77,6 +84,7 @@ def format_table(summary: dict) -> str:
         ("ops backend / world size", f"{summary.get('backend')} / {summary.get('world_size')}"),
         ("s/batch cold (epoch 1)", _fmt(summary.get("s_per_batch_cold"))),
         ("s/batch warm (later)", _fmt(summary.get("s_per_batch_warm"))),
+        ("samples/s warm, all ranks", _fmt(summary.get("samples_per_s_warm"), ".1f")),
         ("cache hit rate (after epoch 1)", hit_rate),
         ("cache entries found corrupt", summary.get("cache_corrupt")),
         ("val IoU input boxes", _fmt(summary.get("val_iou_input"))),
