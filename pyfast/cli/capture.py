@@ -158,7 +158,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         specs = data_specs_from_args(args)
         sources = build_sources(specs, log=print)
         dataset = images_dataset(sources, image_size)
-    except (BackboneError, WeightsError, MissingSourceError, CaptureError, ValueError, OSError) as error:
+    except BackboneError as error:  # the loader speaks of pyfast-train's --backbone; here it is --model
+        return fail(str(error).replace("--backbone", "--model"), 2)
+    except (WeightsError, MissingSourceError, CaptureError, ValueError, OSError) as error:
         return fail(str(error), 2)
 
     model_info = {"spec": args.model, "weights": args.weights}

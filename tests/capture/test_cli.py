@@ -129,6 +129,7 @@ def test_bad_samples_of_a_data_source_are_skipped_and_reported(tmp_path, capsys)
     (["--model", TINY, "--layers", "."], "--out is required"),
     (["--model", TINY, "--layers", "bdy.*", "--out", "x"], "no module matches 'bdy.*'; close names: body.5"),
     (["--model", "nowhere:thing", "--layers", ".", "--out", "x"], "cannot import backbone module 'nowhere'"),
+    (["--model", "model.pt", "--layers", ".", "--out", "x"], "--model must look like module:callable or hf:PATH"),
     (["--model", TINY, "--layers", ".", "--out", "x", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["--model", TINY, "--layers", ".", "--out", "x", "--shard-mb", "0"], "--shard-mb must be a positive number"),
 ])

@@ -16,11 +16,15 @@ import textwrap
 import pytest
 import torch
 
+import pyfast
 from pyfast import _native
 
 pytestmark = pytest.mark.skipif(not _native.native_available("cpu"), reason="pyfast._C is not built")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Where the pyfast under test was imported from (the source tree with a built module, or site-packages
+# after an install): the child interpreters run there (`python -c` puts its folder first on sys.path)
+# and import the same one.
+PYFAST_HOME = os.path.dirname(os.path.dirname(os.path.abspath(pyfast.__file__)))
 BACKENDS = ["auto", "pool"]
 TORCH_USES_OPENMP = "OpenMP" in torch.__config__.parallel_info()
 
@@ -64,10 +68,10 @@ def thread_count():
 def run_script(body: str, backend: str, timeout: float = 120.0) -> str:
     """Runs PRELUDE + body in a fresh interpreter with PYFAST_CPU_PARALLEL=backend; returns stdout.
     A run past `timeout` (a hang) kills its whole process group, forked children included."""
-    env = dict(os.environ, PYFAST_CPU_PARALLEL=backend, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYFAST_CPU_PARALLEL=backend, PYTHONPATH=PYFAST_HOME + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(
         [sys.executable, "-c", PRELUDE + textwrap.dedent(body)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=PYFAST_HOME,
     )  # fmt: skip
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -91,9 +95,10 @@ def test_backend_follows_the_setting():
 
 
 def test_bad_setting_is_named():
-    env = dict(os.environ, PYFAST_CPU_PARALLEL="threads", PYTHONPATH=ROOT)
+    env = dict(os.environ, PYFAST_CPU_PARALLEL="threads", PYTHONPATH=PYFAST_HOME)
     code = PRELUDE + "loss_and_grad(*box_inputs())"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=PYFAST_HOME)
     assert proc.returncode != 0
     assert "PYFAST_CPU_PARALLEL" in proc.stderr and "threads" in proc.stderr
 
