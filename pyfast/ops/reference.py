@@ -1,6 +1,6 @@
 """Pure-PyTorch twins of the fused ops.
 
-Each function here is the executable specification of its op (see DESIGN.md): the tests compare
+Each function here is the executable specification of its op (see docs/architecture.md): the tests compare
 the kernels against it in float64, the benchmarks use it as the eager baseline (and compile it
 for the torch.compile baseline), and the public ops fall back to it where no native backend
 exists. Written for clarity, not speed; autograd provides the gradients.
