@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import pyfast
 
-from conftest import measure, saved_tensor_bytes
+from conftest import measure, saved_tensor_bytes, torch_op
 
 # (shape, target dtypes): the large case with binary masks only, to keep the run short.
 CASES = [((64, 256, 256), ("uint8", "bool", "float32")), ((16, 1024, 1024), ("uint8",))]
@@ -59,20 +59,6 @@ def _inputs(shape, target_dtype, device):
     logits = (torch.randn(shape, generator=g) * 3).to(device, dtype)
     targets = (torch.rand(shape, generator=g) > 0.5).to(device, TARGET_DTYPES[target_dtype])
     return logits, targets
-
-
-def torch_op(device):
-    """A refinement head's layer: (4096 x 256) @ (256 x 256), on torch's own threads."""
-    a = torch.randn(4096, 256, device=device)
-    w = torch.randn(256, 256, device=device)
-    out = torch.empty(4096, 256, device=device)
-
-    def op():  # returns None: pytest-benchmark would take a returned value as the call's arguments
-        torch.mm(a, w, out=out)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    return op
 
 
 def _params():

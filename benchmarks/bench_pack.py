@@ -19,7 +19,7 @@ import torch
 
 import pyfast
 
-from conftest import measure
+from conftest import measure, torch_op
 
 MB = 1 << 20
 # (case name, number of tensors, float32 bytes in total, 16-bit dtypes)
@@ -36,20 +36,6 @@ def make_inputs(count, total_bytes, device):
     g = torch.Generator().manual_seed(0)
     per = total_bytes // 4 // count
     return {f"t{i}": (torch.randn(per, generator=g) * 100).to(device) for i in range(count)}
-
-
-def torch_op(device):
-    """A layer of a small head, on torch's own threads."""
-    a = torch.randn(4096, 256, device=device)
-    w = torch.randn(256, 256, device=device)
-    out = torch.empty(4096, 256, device=device)
-
-    def op():  # returns None: pytest-benchmark would take a returned value as the call's arguments
-        torch.mm(a, w, out=out)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    return op
 
 
 def _cast_fn(impl, tensors, dtype):

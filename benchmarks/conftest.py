@@ -42,6 +42,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def torch_op(device: torch.device):
+    """A refinement head's layer, (4096 x 256) @ (256 x 256) on torch's own threads: run untimed before
+    each timed call of an "interleaved" case, as pyfast follows a torch op in training."""
+    a = torch.randn(4096, 256, device=device)
+    w = torch.randn(256, 256, device=device)
+    out = torch.empty(4096, 256, device=device)
+
+    def op():  # returns None: pytest-benchmark would take a returned value as the call's arguments
+        torch.mm(a, w, out=out)
+        synchronize(device)
+
+    return op
+
+
 def measure(benchmark, *, op: str, case: str, phase: str, impl: str, fn, device: torch.device,
             bytes_moved: int | None = None, rounds: int | None = None, extra: dict | None = None,
             setup=None) -> Measurement:

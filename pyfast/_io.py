@@ -1,4 +1,5 @@
-"""Atomic file writes: a temporary name in the target folder, fsync, os.replace.
+"""Atomic file writes: a temporary name in the target folder, fsync, os.replace; and reading the
+append-only JSONL logs (metrics, validation, memory samples) back.
 
 A reader (another DataLoader worker, another rank) sees either no file or a complete one, never
 a partial write. A crash before the rename leaves only a `.*.tmp` file, which no reader looks at
@@ -7,9 +8,11 @@ and `remove_stale_temporaries` clears.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import time
+from pathlib import Path
 
 TMP_SUFFIX = ".tmp"
 
@@ -111,3 +114,22 @@ def remove_stale_temporaries(folder: str, older_than_s: float = 3600.0) -> int:
                 except FileNotFoundError:
                     pass
     return removed
+
+
+def read_jsonl(path) -> list:
+    """The records of a JSON-lines log, [] when it does not exist; a last line cut short by a crash
+    ends the usable log."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return records

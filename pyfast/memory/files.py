@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from pyfast._io import atomic_write_text
+from pyfast._io import atomic_write_text, read_jsonl
 
 SAMPLES_FILE = "memory.jsonl"
 REPORT_FILE = "memory.json"
@@ -40,20 +40,7 @@ def sample_line(sample: dict) -> str:
 
 def read_samples(path) -> List[dict]:
     """The samples of a memory.jsonl; a last line cut short by a crash ends the usable log."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    samples = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                samples.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return samples
+    return read_jsonl(path)
 
 
 def write_samples(path, samples) -> None:

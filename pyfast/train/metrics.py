@@ -7,7 +7,7 @@ import math
 import os
 from pathlib import Path
 
-from pyfast._io import atomic_write_text
+from pyfast._io import atomic_write_text, read_jsonl  # noqa: F401 (read_jsonl: re-exported)
 
 
 def _clean(value):
@@ -16,23 +16,6 @@ def _clean(value):
     if isinstance(value, dict):
         return {k: _clean(v) for k, v in value.items()}
     return value
-
-
-def read_jsonl(path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut short by a crash ends the usable log
-    return records
 
 
 def truncate_after(path, step: int) -> None:
