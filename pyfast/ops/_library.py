@@ -17,6 +17,18 @@
 
 `register_autograd` makes the op itself differentiable. The native registrations live in their own
 Library so that `pyfast._native.reload_backend_setting()` can drop and redo them.
+
+A plain call skips what the dispatcher would only pass through. Each entry into a Python kernel
+costs microseconds (boxing every argument, converting it back), as much as a kernel's own work on a
+few thousand boxes, and a training step would enter three times: the Autograd kernel, its
+redispatch to the native kernel, the backward kernel. Where the dispatch keyset shows that the next
+stop is a native kernel (`plain_route`: one device's backend with native kernels registered, and only
+the keys whose kernels fall through for pyfast's ops), the layer calls that kernel itself. Any
+other key (Python for FakeTensor and TorchDispatchMode, Functionalize, functorch, Autocast, Meta, a
+second device, the reference fallback) goes through the dispatcher as before. The Autograd kernel
+reads the keyset the dispatcher computed; pyfast's own calls (`caller`: the public functions, the
+backward formulas) compute it as the dispatcher does, from the thread's include and exclude sets
+and the tensors' keys. tests/ops/test_plain_calls.py holds both routes to the same results.
 """
 
 from __future__ import annotations
@@ -29,10 +41,26 @@ import torch
 from pyfast import _native
 
 LIB = torch.library.Library("pyfast", "FRAGMENT")
-_NATIVE: dict[str, Callable] = {}
+_NATIVE: dict[str, Callable] = {}  # each op's native kernel as registered (arguments by position)
+_NATIVE_BY_NAME: dict[str, Callable] = {}  # and as written (arguments by name)
+_AUTOGRAD: dict[str, Callable] = {}  # the differentiable ops' Autograd kernels for plain calls
+_DIFFERENTIABLE: set[str] = set()
 _native_lib: torch.library.Library | None = None
 _warned: set[str] = set()
 _AFTER_AUTOGRAD = torch._C._after_autograd_keyset
+_KEY = torch._C.DispatchKey
+_KEYSET = torch._C.DispatchKeySet
+_dispatch_keys = torch._C._dispatch_keys
+_tls_include = torch._C._dispatch_tls_local_include_set
+_tls_exclude = torch._C._dispatch_tls_local_exclude_set
+# Per device type: its backend key and its Autograd key.
+_DEVICE_KEYS = {"cpu": (_KEY.CPU, _KEY.AutogradCPU), "cuda": (_KEY.CUDA, _KEY.AutogradCUDA)}
+# For each device with native kernels registered: every key a plain call may hold, its backend key
+# and its Autograd key, each as the bits of a DispatchKeySet (raw_repr). Besides the backend and its
+# Autograd key (the op's Autograd kernel, or a fallthrough), only ADInplaceOrView and BackendSelect,
+# whose kernels fall through for ops that neither mutate nor create tensors from nothing (pyfast's).
+# Bits, because set operations on Python ints cost a fraction of DispatchKeySet's.
+_plain_keysets: list[tuple[int, int, int]] = []
 
 
 def define(
@@ -50,8 +78,11 @@ def define(
     op = getattr(torch.ops.pyfast, name).default
     LIB.impl(name, named(op, _fallback(reference)), "CompositeExplicitAutograd")
     torch.library.register_fake(f"pyfast::{name}", named(op, fake), lib=LIB)
-    if not differentiable:
+    if differentiable:
+        _DIFFERENTIABLE.add(name)
+    else:
         LIB.impl(name, torch.library.fallthrough_kernel, "Autograd")
+    _NATIVE_BY_NAME[name] = native
     _NATIVE[name] = named(op, native)
     _register_native(name, _NATIVE[name])
     return op
@@ -91,9 +122,83 @@ def _reregister_native() -> None:
     _warned.clear()
     for name, kernel in _NATIVE.items():
         _register_native(name, kernel)
+    _plain_keysets[:] = _native_plain_keysets()
+
+
+def _native_plain_keysets() -> list[tuple[int, int, int]]:
+    passing = _KEYSET(_KEY.ADInplaceOrView) | _KEYSET(_KEY.BackendSelect)
+    return [
+        ((_KEYSET(backend) | _KEYSET(autograd) | passing).raw_repr(), _KEYSET(backend).raw_repr(),
+         _KEYSET(autograd).raw_repr())
+        for device_type, (backend, autograd) in _DEVICE_KEYS.items()
+        if _native.use_native(device_type)
+    ]  # fmt: skip
+
+
+def plain_route(keys: int) -> str | None:
+    """Where the dispatcher sends a call with these dispatch keys (DispatchKeySet bits) when the call
+    is plain: "autograd" (the op's Autograd kernel, or through it when it falls through) or
+    "native"; None when it is not. Plain: the keys lie within one device's plain keys and hold its
+    backend."""
+    for plain, backend, autograd in _plain_keysets:
+        if keys | plain == plain:
+            if keys & backend != backend:
+                return None
+            return "autograd" if keys & autograd == autograd else "native"
+    return None
+
+
+def call_keys(tensors) -> int:
+    """The dispatch keys (DispatchKeySet bits) of a call with these tensor arguments (None allowed),
+    as the dispatcher computes them: the tensors' keys and the thread's included keys, less its
+    excluded keys."""
+    keys = _tls_include().raw_repr()
+    for tensor in tensors:
+        if tensor is not None:
+            keys |= _dispatch_keys(tensor).raw_repr()
+    return keys & ~_tls_exclude().raw_repr()
+
+
+def caller(op: torch._ops.OpOverload) -> Callable:
+    """`op` as pyfast's own code calls it (the public functions, the backward formulas): every
+    argument by keyword, bound in Python (torch.ops parses keywords at ~0.1 us each).
+
+    A plain call (module docstring) goes where the dispatcher would send it without the trip through
+    it: the op's Autograd kernel when the keyset holds the device's Autograd key and the op has one,
+    else its native kernel. Any other call goes through the dispatcher, as does every call while
+    torch.compile traces (Dynamo cannot read dispatch keys).
+    """
+    name = op._schema.name.split("::", 1)[1]
+    names = argument_names(op)
+    tensors = [a.name for a in op._schema.arguments if str(a.type) in ("Tensor", "Optional[Tensor]")]
+    if len(tensors) != sum("Tensor" in str(a.type) for a in op._schema.arguments):
+        raise TypeError(f"caller() takes ops whose tensor arguments are Tensor or Tensor?, not {op._schema}")
+    if name in _DIFFERENTIABLE and name not in _AUTOGRAD:
+        raise RuntimeError(f"caller(pyfast::{name}) before register_autograd: its plain calls would record no graph")
+    positional = ", ".join(names)
+    by_name = ", ".join(f"{n}={n}" for n in names)
+    if name in _AUTOGRAD:
+        plain_call = f"autograd({positional}) if route == 'autograd' else native({by_name})"
+    else:
+        plain_call = f"native({by_name})"
+    source = (
+        f"def call(*, {positional}):\n"
+        f"    if not is_compiling():\n"
+        f"        route = plain_route(call_keys(({', '.join(tensors)},)))\n"
+        f"        if route is not None:\n"
+        f"            return {plain_call}\n"
+        f"    return op({positional})\n"
+    )
+    scope = {"op": op, "native": _NATIVE_BY_NAME[name], "autograd": _AUTOGRAD.get(name), "plain_route": plain_route,
+             "call_keys": call_keys, "is_compiling": torch.compiler.is_compiling}  # fmt: skip
+    exec(compile(source, f"<pyfast::{name} caller>", "exec"), scope)
+    call = scope["call"]
+    call.__name__ = call.__qualname__ = name
+    return call
 
 
 _native.on_reload(_reregister_native)
+_plain_keysets[:] = _native_plain_keysets()
 
 
 def _first_tensor(args) -> torch.Tensor | None:
@@ -141,50 +246,91 @@ def register_autograd(op: torch._ops.OpOverload, backward: Callable, *, setup_co
     """
     name = op._schema.name.split("::", 1)[1]
     names = argument_names(op)
-    # The tensor inputs, the only ones a gradient can be asked for, and their positions.
-    tensors = {a.name: i for i, a in enumerate(op._schema.arguments) if "Tensor" in str(a.type)}
+    # The tensor inputs, the only ones a gradient can be asked for: the schema's leading arguments.
+    tensors = tuple(a.name for a in op._schema.arguments if "Tensor" in str(a.type))
+    if names[: len(tensors)] != tensors:
+        raise TypeError(f"register_autograd takes ops whose tensor arguments come first, not {op._schema}")
     redispatch = op._handle.redispatch_boxed  # op.redispatch, without finding the handle per call
+    native = _NATIVE[name]
 
-    def forward(ctx, *args):
-        keyset = args[-1]
-        inputs = args[:-1]
+    def redispatch_below_autograd(keyset, *inputs):
         with torch._C._AutoDispatchBelowAutograd():
-            output = redispatch(keyset & _AFTER_AUTOGRAD, *inputs)
-        setup_context(ctx, dict(zip(names, inputs)), output)
-        return output
+            return redispatch(keyset, *inputs)
 
-    def backward_by_name(ctx, *grads):
-        needs = ctx.needs_input_grad
-        ctx.needs_grad = {n: needs[i] for n, i in tensors.items()}
-        grads_in = [None] * (len(names) + 1)  # one per input, and the trailing keyset
-        for input_name, grad in backward(ctx, *grads).items():
-            grads_in[tensors[input_name]] = grad
-        return tuple(grads_in)
+    # The Function's forward and backward, generated from the schema with the names written out:
+    #     def forward(ctx, pred, target, ..., keyset):
+    #         if keyset is None:  # a plain call: the native kernel is next
+    #             output = native(pred, target, ...)
+    #         else:
+    #             output = redispatch_below_autograd(keyset, pred, target, ...)
+    #         setup_context(ctx, {"pred": pred, "target": target, ...}, output)
+    #         return output
+    #
+    #     def backward_by_name(ctx, *grads):
+    #         needs = ctx.needs_input_grad
+    #         ctx.needs_grad = {"pred": needs[0], "target": needs[1], ...}
+    #         by_name = backward(ctx, *grads)
+    #         return (by_name.get("pred"), ..., None, ...)   # None for each other input and the keyset
+    positional = ", ".join(names)
+    source = (
+        f"def forward(ctx, {positional}, keyset):\n"
+        "    if keyset is None:\n"
+        f"        output = native({positional})\n"
+        "    else:\n"
+        f"        output = redispatch_below_autograd(keyset, {positional})\n"
+        f"    setup_context(ctx, {{{', '.join(f'{n!r}: {n}' for n in names)}}}, output)\n"
+        "    return output\n"
+        "\n"
+        "def backward_by_name(ctx, *grads):\n"
+        "    needs = ctx.needs_input_grad\n"
+        f"    ctx.needs_grad = {{{', '.join(f'{n!r}: needs[{i}]' for i, n in enumerate(tensors))}}}\n"
+        "    by_name = backward(ctx, *grads)\n"
+        f"    return ({''.join(f'by_name.get({n!r}), ' for n in tensors)}{'None, ' * (len(names) + 1 - len(tensors))})\n"
+    )
+    scope = {"native": native, "redispatch_below_autograd": redispatch_below_autograd,
+             "setup_context": setup_context, "backward": backward}  # fmt: skip
+    exec(compile(source, f"<pyfast::{name} autograd>", "exec"), scope)
+    forward, backward_by_name = scope["forward"], scope["backward_by_name"]
 
     function = type(
         "".join(word.capitalize() for word in name.split("_")),  # grad_fn: BoxLossForwardBackward
         (torch.autograd.Function,),
         {"forward": staticmethod(forward), "backward": staticmethod(backward_by_name)},
     )
+    # Function.apply without its Python prelude, whose only work outside functorch transforms is
+    # unwrapping dead functorch wrappers: a plain keyset holds no functorch key, so there are none.
+    apply_plain = super(torch.autograd.Function, function).apply
+
+    def autograd_plain(*args):
+        # The Autograd kernel for a plain call. Nothing the native kernel runs is recorded: grad mode
+        # is off inside forward, and outside it no input requires grad.
+        if torch.is_grad_enabled():
+            for value in args:
+                if isinstance(value, torch.Tensor) and value.requires_grad:
+                    return apply_plain(*args, None)
+        return native(*args)
 
     def autograd_kernel(keyset, *args):
+        keyset = keyset & _AFTER_AUTOGRAD
+        if plain_route(keyset.raw_repr()) is not None:
+            return autograd_plain(*args)
         if torch.is_grad_enabled():
             for value in args:
                 if isinstance(value, torch.Tensor) and value.requires_grad:
                     return function.apply(*args, keyset)
-        with torch._C._AutoDispatchBelowAutograd():
-            return redispatch(keyset & _AFTER_AUTOGRAD, *args)
+        return redispatch_below_autograd(keyset, *args)
 
+    _AUTOGRAD[name] = autograd_plain
     LIB.impl(name, autograd_kernel, "Autograd", with_keyset=True)
 
 
 class _NoSecondDerivative(torch.autograd.Function):
-    """Runs a fused backward kernel; differentiating its result raises."""
+    """Ties a fused backward kernel's results to its inputs; differentiating them raises."""
 
     @staticmethod
-    def forward(ctx, op_name, compute, *inputs):
+    def forward(ctx, op_name, outputs, *inputs):
         ctx.op_name = op_name
-        return compute()
+        return outputs
 
     @staticmethod
     def backward(ctx, *grads):
@@ -195,10 +341,13 @@ class _NoSecondDerivative(torch.autograd.Function):
         )
 
 
-def first_order_only(op_name: str, compute: Callable, *inputs):
-    """compute(): a backward formula's call of its backward kernel. Under create_graph=True (grad mode
-    on inside a backward) the result is tied to `inputs` so that differentiating it raises, naming
-    the op, instead of quietly lacking the second-order terms."""
+def first_order_only(op_name: str, outputs, *inputs):
+    """outputs: what a backward formula's call of its backward kernel returned (a tensor or a list of
+    them), `inputs` that call's tensors. Under create_graph=True (grad mode on inside a backward) the
+    outputs come back tied to `inputs` so that differentiating them raises, naming the op, instead of
+    quietly lacking the second-order terms; otherwise as they are."""
     if not torch.is_grad_enabled():
-        return compute()
-    return _NoSecondDerivative.apply(op_name, compute, *inputs)
+        return outputs
+    if isinstance(outputs, list):  # a Tensor[] op's outputs
+        return list(_NoSecondDerivative.apply(op_name, tuple(outputs), *inputs))
+    return _NoSecondDerivative.apply(op_name, outputs, *inputs)

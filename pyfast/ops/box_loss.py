@@ -6,7 +6,7 @@ name, the reference twin as the fallback, a fake, and autograd on the op itself:
 
     pyfast::box_loss_forward(pred, target, weight, <options>, reduction, avg_factor) -> loss
     pyfast::box_loss_backward(grad, pred, target, weight, target_grad, weight_grad, <options>,
-                              reduction, avg_factor) -> (grad_pred, grad_target, grad_weight)
+                              reduction, avg_factor) -> [grad_pred, grad_target?, grad_weight?]
     pyfast::box_iou(pred, target, mode, box_format, eps) -> variant
 
 <options> are the keyword arguments that shape the per-box math (BOX_OPTIONS). They pass through
@@ -32,7 +32,7 @@ from pyfast.ops._checks import (
     divide_by_avg_factor,
     reduction_args,
 )
-from pyfast.ops._library import define, first_order_only, register_autograd
+from pyfast.ops._library import caller, define, first_order_only, register_autograd
 
 MODES = reference.BOX_MODES
 FORMATS = reference.BOX_FORMATS
@@ -139,16 +139,25 @@ def _backward_native(grad, pred, target, weight, *, target_grad, weight_grad, re
     n = pred.shape[0]
     _check_grad(grad, n, reduction)
     grad = grad.to(device=pred.device, dtype=acc_dtype(pred.dtype)).contiguous()
-    grad_pred = torch.empty_like(pred)
-    grad_target = torch.empty_like(target) if target_grad else pred.new_empty((0,))
-    grad_weight = torch.empty_like(weight) if weight_grad and weight is not None else pred.new_empty((0,))
+    grads = _wanted_grads(pred, target, weight, target_grad, weight_grad)
     _native.launch(
         "box_loss_backward", pred.device, options=options, n=n, dtype=_native.DTYPES[pred.dtype], pred=pred,
         target=target, weight_kind=_weight_kind(weight), weight=weight, reduction=reduction,
-        avg_factor=avg_factor or 0.0, grad_out=grad, grad_pred=grad_pred,
-        grad_target=grad_target if target_grad else None, grad_weight=grad_weight if grad_weight.numel() else None,
+        avg_factor=avg_factor or 0.0, grad_out=grad, grad_pred=grads[0], grad_target=grads[1] if target_grad else None,
+        grad_weight=grads[-1] if weight_grad and weight is not None else None,
     )  # fmt: skip
-    return grad_pred, grad_target, grad_weight
+    return grads
+
+
+def _wanted_grads(pred, target, weight, target_grad, weight_grad) -> list[torch.Tensor]:
+    """The backward's outputs, uninitialized: grad_pred, then grad_target and grad_weight where asked
+    for (grad_weight only with a weight, in the accumulation dtype as the weight is)."""
+    grads = [torch.empty_like(pred)]
+    if target_grad:
+        grads.append(torch.empty_like(target))
+    if weight_grad and weight is not None:
+        grads.append(weight.new_empty(weight.shape, dtype=acc_dtype(pred.dtype)))
+    return grads
 
 
 def _backward_reference(grad, pred, target, weight, *, target_grad, weight_grad, reduction, avg_factor, **options):
@@ -160,24 +169,25 @@ def _backward_reference(grad, pred, target, weight, *, target_grad, weight_grad,
         loss = reference.box_loss_reference(p, t, weight=w, reduction=reduction, avg_factor=avg_factor, **options)
         inputs = [x for x in (p, t, w) if x is not None]
         grads = torch.autograd.grad(loss, inputs, grad.reshape(loss.shape).to(loss.dtype), allow_unused=True)
-    grad_pred, grad_target = grads[0].to(pred.dtype), grads[1].to(target.dtype)
-    grad_weight = grads[2].to(acc_dtype(pred.dtype)) if weight_grad and weight is not None else pred.new_empty((0,))
-    return grad_pred, grad_target if target_grad else pred.new_empty((0,)), grad_weight
+    wanted = [grads[0].to(pred.dtype)]
+    if target_grad:
+        wanted.append(grads[1].to(target.dtype))
+    if weight_grad and weight is not None:
+        wanted.append(grads[2].to(acc_dtype(pred.dtype)))
+    return wanted
 
 
 def _backward_fake(grad, pred, target, weight, *, target_grad, weight_grad, reduction, avg_factor, **options):
     _check_boxes(pred, target, weight)
-    grad_target = torch.empty_like(target) if target_grad else pred.new_empty((0,))
-    wanted = weight_grad and weight is not None
-    grad_weight = weight.new_empty(weight.shape, dtype=acc_dtype(pred.dtype)) if wanted else pred.new_empty((0,))
-    return torch.empty_like(pred), grad_target, grad_weight
+    return _wanted_grads(pred, target, weight, target_grad, weight_grad)
 
 
 box_loss_backward = define(
     f"box_loss_backward(Tensor grad, Tensor pred, Tensor target, Tensor? weight, bool target_grad, "
-    f"bool weight_grad, {BOX_OPTIONS}, {REDUCTION}) -> (Tensor, Tensor, Tensor)",
+    f"bool weight_grad, {BOX_OPTIONS}, {REDUCTION}) -> Tensor[]",
     native=_backward_native, reference=_backward_reference, fake=_backward_fake, differentiable=False,
 )  # fmt: skip
+_call_backward = caller(box_loss_backward)
 
 
 def _setup_loss(ctx, inputs, output):
@@ -188,17 +198,15 @@ def _setup_loss(ctx, inputs, output):
 def _backward_loss(ctx, grad):
     pred, target, weight = ctx.saved_tensors
     target_grad, weight_grad = ctx.needs_grad["target"], ctx.needs_grad["weight"]
-    grad_pred, grad_target, grad_weight = first_order_only(
-        "box_loss",
-        lambda: box_loss_backward(grad, pred, target, weight, target_grad=target_grad, weight_grad=weight_grad,
-                                  **ctx.options),
-        grad, pred, target, weight,
-    )  # fmt: skip
-    return {"pred": grad_pred, "target": grad_target if target_grad else None,
-            "weight": grad_weight if weight_grad else None}  # fmt: skip
+    grads = _call_backward(grad=grad, pred=pred, target=target, weight=weight, target_grad=target_grad,
+                           weight_grad=weight_grad, **ctx.options)
+    grads = first_order_only("box_loss", grads, grad, pred, target, weight)
+    return {"pred": grads[0], "target": grads[1] if target_grad else None,
+            "weight": grads[-1] if weight_grad and weight is not None else None}  # fmt: skip
 
 
 register_autograd(box_loss_forward, _backward_loss, setup_context=_setup_loss)
+_call_forward = caller(box_loss_forward)
 
 
 # ---- pyfast::box_iou ----
@@ -240,16 +248,15 @@ def _backward_iou(ctx, grad):
     """The variant's gradient is the loss gradient with l1_weight=0, iou_weight=-1."""
     pred, target = ctx.saved_tensors
     target_grad = ctx.needs_grad["target"]
-    grad_pred, grad_target, _ = first_order_only(
-        "box_iou",
-        lambda: box_loss_backward(grad, pred, target, None, target_grad=target_grad, weight_grad=False,
-                                  l1_weight=0.0, iou_weight=-1.0, reduction="none", avg_factor=None, **ctx.options),
-        grad, pred, target,
-    )  # fmt: skip
-    return {"pred": grad_pred, "target": grad_target if target_grad else None}
+    grads = _call_backward(grad=grad, pred=pred, target=target, weight=None, target_grad=target_grad,
+                           weight_grad=False, l1_weight=0.0, iou_weight=-1.0, reduction="none", avg_factor=None,
+                           **ctx.options)  # fmt: skip
+    grads = first_order_only("box_iou", grads, grad, pred, target)
+    return {"pred": grads[0], "target": grads[1] if target_grad else None}
 
 
 register_autograd(box_iou_op, _backward_iou, setup_context=_setup_iou)
+_call_iou = caller(box_iou_op)
 
 
 # ---- the public functions ----
@@ -294,8 +301,8 @@ def box_loss(
         if weight.is_floating_point():
             weight = weight.to(acc_dtype(pred.dtype))
     reduction, avg_factor, divisor = reduction_args(reduction, avg_factor)
-    loss = box_loss_forward(
-        pred, target, weight, mode=check_choice("mode", mode, MODES),
+    loss = _call_forward(
+        pred=pred, target=target, weight=weight, mode=check_choice("mode", mode, MODES),
         box_format=check_choice("box_format", box_format, FORMATS), l1_weight=check_number("l1_weight", l1_weight),
         iou_weight=check_number("iou_weight", iou_weight), eps=check_number("eps", eps, minimum=0.0),
         reduction=reduction, avg_factor=avg_factor,
@@ -308,8 +315,8 @@ def box_iou(
 ) -> torch.Tensor:
     """Paired IoU variant (N,) of pred[i] and target[i]: iou, giou, diou or ciou (differentiable)."""
     pred, target = _promote(pred, target)
-    return box_iou_op(
-        pred, target, mode=check_choice("mode", mode, MODES),
+    return _call_iou(
+        pred=pred, target=target, mode=check_choice("mode", mode, MODES),
         box_format=check_choice("box_format", box_format, FORMATS), eps=check_number("eps", eps, minimum=0.0),
     )  # fmt: skip
 

@@ -37,7 +37,7 @@ from pyfast.ops._checks import (
     divide_by_avg_factor,
     reduction_args,
 )
-from pyfast.ops._library import define, first_order_only, register_autograd
+from pyfast.ops._library import caller, define, first_order_only, register_autograd
 
 MASK_OPTIONS = "float bce_weight, float dice_weight, float focal_weight, float alpha, float gamma, float smooth"
 REDUCTION = "str reduction, float? avg_factor"
@@ -199,6 +199,7 @@ mask_loss_backward = define(
     " -> Tensor",
     native=_backward_native, reference=_backward_reference, fake=_backward_fake, differentiable=False,
 )  # fmt: skip
+_call_backward = caller(mask_loss_backward)
 
 
 def _setup_loss(ctx, inputs, output):
@@ -214,13 +215,13 @@ def _setup_loss(ctx, inputs, output):
 
 def _backward_loss(ctx, grad, _grad_sums):
     logits, targets, sums = ctx.saved_tensors
-    grad_logits = first_order_only(
-        "mask_loss", lambda: mask_loss_backward(grad, logits, targets, sums, **ctx.options), grad, logits
-    )
+    grad_logits = _call_backward(grad=grad, logits=logits, targets=targets, sums=sums, **ctx.options)
+    grad_logits = first_order_only("mask_loss", grad_logits, grad, logits)
     return {"logits": grad_logits}
 
 
 register_autograd(mask_loss_forward, _backward_loss, setup_context=_setup_loss)
+_call_forward = caller(mask_loss_forward)
 
 
 # ---- pyfast::mask_iou ----
@@ -253,6 +254,7 @@ mask_iou_op = define(
     "mask_iou(Tensor logits, Tensor targets, float threshold) -> Tensor",
     native=_iou_native, reference=_iou_reference, fake=_iou_fake, differentiable=False,
 )  # fmt: skip
+_call_iou = caller(mask_iou_op)
 
 
 # ---- the public functions ----
@@ -303,7 +305,7 @@ def mask_loss(
     # Float targets in another dtype are converted once here, not in both the forward and the backward.
     if targets.dtype in _FLOAT_TARGETS:
         targets = _read_as(targets, logits.dtype)
-    loss, _ = mask_loss_forward(logits, targets, **options, reduction=reduction, avg_factor=avg_factor)
+    loss, _ = _call_forward(logits=logits, targets=targets, **options, reduction=reduction, avg_factor=avg_factor)
     return loss if divisor is None else divide_by_avg_factor(loss, divisor)
 
 
@@ -318,7 +320,7 @@ def mask_iou(logits: torch.Tensor, targets: torch.Tensor, threshold: float = 0.0
     check_tensor("targets", targets)
     threshold = check_number("threshold", threshold)
     with torch.no_grad():
-        return mask_iou_op(logits.detach(), targets.detach(), threshold=threshold)
+        return _call_iou(logits=logits.detach(), targets=targets.detach(), threshold=threshold)
 
 
 class MaskLoss(torch.nn.Module):

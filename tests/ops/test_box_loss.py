@@ -432,11 +432,13 @@ def test_opcheck(device):
         grad_args = (args[0].clone().requires_grad_(), args[1].clone().requires_grad_(), args[2])
         torch.library.opcheck(forward, grad_args, kwargs)
     grad = torch.tensor(1.0, device=device)
-    for w in (weight, weight4):
-        torch.library.opcheck(
-            torch.ops.pyfast.box_loss_backward.default, (grad, pred, target, w),
-            dict(OPTIONS, target_grad=True, weight_grad=True, reduction="mean", avg_factor=None),
-        )  # fmt: skip
+    # The backward returns the gradients asked for: pred's, then target's and weight's when wanted.
+    for w, target_grad, weight_grad, count in ((weight, True, True, 3), (weight4, True, True, 3),
+                                               (weight, False, True, 2), (None, False, False, 1)):  # fmt: skip
+        args = (grad, pred, target, w)
+        kwargs = dict(OPTIONS, target_grad=target_grad, weight_grad=weight_grad, reduction="mean", avg_factor=None)
+        torch.library.opcheck(torch.ops.pyfast.box_loss_backward.default, args, kwargs)
+        assert len(torch.ops.pyfast.box_loss_backward.default(*args, **kwargs)) == count
     iou_kw = dict(mode="iou", box_format="xyxy", eps=1e-7)
     torch.library.opcheck(torch.ops.pyfast.box_iou.default, (pred, target), iou_kw)
     torch.library.opcheck(torch.ops.pyfast.box_iou.default, (pred.clone().requires_grad_(), target), iou_kw)

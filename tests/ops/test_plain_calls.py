@@ -1,0 +1,109 @@
+"""Plain calls: pyfast's own calls of its ops skip the dispatcher only where it would pass straight
+through to a native kernel (pyfast/ops/_library.py); everything else still goes through it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import pyfast
+from pyfast.ops._library import call_keys, plain_route
+
+from backends import pyfast_env
+
+
+class RecordOps(TorchDispatchMode):
+    """Records the name of every op the dispatcher hands to Python modes."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _boxes(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * 100
+    pred = torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 50 + 1], 1)
+    return pred, pred + torch.randn(n, 4, generator=g)
+
+
+def test_routes_of_plain_cpu_calls():
+    x = torch.zeros(3)
+    assert plain_route(call_keys((x, None, x))) == "autograd"
+    with torch._C._AutoDispatchBelowAutograd():
+        assert plain_route(call_keys((x,))) == "native"
+    with torch.inference_mode():
+        assert plain_route(call_keys((torch.zeros(3),))) == "native"
+
+
+@pytest.mark.parametrize("case", ["dispatch mode", "fake tensor", "autocast", "meta tensor", "cpu and meta"])
+def test_every_other_call_goes_through_the_dispatcher(case):
+    x = torch.zeros(3)
+    if case == "dispatch mode":
+        with RecordOps():
+            assert plain_route(call_keys((x,))) is None
+    elif case == "fake tensor":
+        with FakeTensorMode() as mode:
+            fake = mode.from_tensor(x)
+        assert plain_route(call_keys((fake,))) is None
+    elif case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert plain_route(call_keys((x,))) is None
+    elif case == "meta tensor":
+        assert plain_route(call_keys((x.to("meta"),))) is None
+    else:
+        assert plain_route(call_keys((x, x.to("meta")))) is None
+
+
+def test_no_plain_route_without_native_kernels():
+    x = torch.zeros(3)
+    with pyfast_env(backend="reference"):
+        assert plain_route(call_keys((x,))) is None
+    assert plain_route(call_keys((x,))) == "autograd"
+
+
+def test_modes_still_see_every_op_of_a_step():
+    pred, target = _boxes()
+    logits = torch.randn(4, 8, 8, requires_grad=True)
+    with RecordOps() as mode:
+        pyfast.box_loss(pred.clone().requires_grad_(), target).backward()
+        pyfast.mask_loss(logits, torch.rand(4, 8, 8) > 0.5).backward()
+        pyfast.mask_iou(logits, torch.rand(4, 8, 8) > 0.5)
+    ops = [name for name in mode.ops if name.startswith("pyfast.")]
+    assert ops == [
+        "pyfast.box_loss_forward.default", "pyfast.box_loss_backward.default",
+        "pyfast.mask_loss_forward.default", "pyfast.mask_loss_backward.default", "pyfast.mask_iou.default",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["iou", "giou", "diou", "ciou"])
+def test_plain_and_dispatched_calls_agree_bitwise(mode):
+    pred, target = _boxes(257, seed=1)
+    weight = torch.rand(257, 4)
+    results = []
+    for through_dispatcher in (False, True):
+        p, t, w = (x.clone().requires_grad_() for x in (pred, target, weight))
+        if through_dispatcher:
+            with RecordOps():
+                loss = pyfast.box_loss(p, t, mode=mode, weight=w, reduction="sum")
+                loss.backward()
+        else:
+            loss = pyfast.box_loss(p, t, mode=mode, weight=w, reduction="sum")
+            loss.backward()
+        results.append((loss.detach(), p.grad, t.grad, w.grad))
+    for plain, dispatched in zip(*results):
+        assert torch.equal(plain, dispatched)
+
+
+def test_plain_calls_keep_the_first_order_only_rule():
+    pred, target = _boxes(16, seed=2)
+    p = pred.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(pyfast.box_loss(p, target), p, create_graph=True)
+    with pytest.raises(RuntimeError, match="pyfast.box_loss has no second derivative"):
+        grad.sum().backward()
