@@ -26,20 +26,22 @@ class RecordOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _boxes(n=64, seed=0):
+def _boxes(n=64, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     xy = torch.rand(n, 2, generator=g) * 100
     pred = torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 50 + 1], 1)
-    return pred, pred + torch.randn(n, 4, generator=g)
+    return pred.to(device), (pred + torch.randn(n, 4, generator=g)).to(device)
 
 
-def test_routes_of_plain_cpu_calls():
-    x = torch.zeros(3)
+def test_routes_of_plain_calls(device):
+    x = torch.zeros(3, device=device)
     assert plain_route(call_keys((x, None, x))) == "autograd"
     with torch._C._AutoDispatchBelowAutograd():
         assert plain_route(call_keys((x,))) == "native"
     with torch.inference_mode():
-        assert plain_route(call_keys((torch.zeros(3),))) == "native"
+        assert plain_route(call_keys((torch.zeros(3, device=device),))) == "native"
+    if device.type != "cpu":  # one call on two devices: the dispatcher's business
+        assert plain_route(call_keys((x, torch.zeros(3)))) is None
 
 
 @pytest.mark.parametrize("case", ["dispatch mode", "fake tensor", "autocast", "meta tensor", "cpu and meta"])
@@ -68,13 +70,14 @@ def test_no_plain_route_without_native_kernels():
     assert plain_route(call_keys((x,))) == "autograd"
 
 
-def test_modes_still_see_every_op_of_a_step():
-    pred, target = _boxes()
-    logits = torch.randn(4, 8, 8, requires_grad=True)
+def test_modes_still_see_every_op_of_a_step(device):
+    pred, target = _boxes(device=device)
+    logits = torch.randn(4, 8, 8, device=device, requires_grad=True)
+    masks = torch.rand(4, 8, 8, device=device) > 0.5
     with RecordOps() as mode:
         pyfast.box_loss(pred.clone().requires_grad_(), target).backward()
-        pyfast.mask_loss(logits, torch.rand(4, 8, 8) > 0.5).backward()
-        pyfast.mask_iou(logits, torch.rand(4, 8, 8) > 0.5)
+        pyfast.mask_loss(logits, masks).backward()
+        pyfast.mask_iou(logits, masks)
     ops = [name for name in mode.ops if name.startswith("pyfast.")]
     assert ops == [
         "pyfast.box_loss_forward.default", "pyfast.box_loss_backward.default",
@@ -83,9 +86,9 @@ def test_modes_still_see_every_op_of_a_step():
 
 
 @pytest.mark.parametrize("mode", ["iou", "giou", "diou", "ciou"])
-def test_plain_and_dispatched_calls_agree_bitwise(mode):
-    pred, target = _boxes(257, seed=1)
-    weight = torch.rand(257, 4)
+def test_plain_and_dispatched_calls_agree_bitwise(device, mode):
+    pred, target = _boxes(257, seed=1, device=device)
+    weight = torch.rand(257, 4, device=device)
     results = []
     for through_dispatcher in (False, True):
         p, t, w = (x.clone().requires_grad_() for x in (pred, target, weight))
@@ -101,8 +104,8 @@ def test_plain_and_dispatched_calls_agree_bitwise(mode):
         assert torch.equal(plain, dispatched)
 
 
-def test_plain_calls_keep_the_first_order_only_rule():
-    pred, target = _boxes(16, seed=2)
+def test_plain_calls_keep_the_first_order_only_rule(device):
+    pred, target = _boxes(16, seed=2, device=device)
     p = pred.clone().requires_grad_()
     (grad,) = torch.autograd.grad(pyfast.box_loss(p, target), p, create_graph=True)
     with pytest.raises(RuntimeError, match="pyfast.box_loss has no second derivative"):
