@@ -5,8 +5,8 @@
 - the schema. Every caller in pyfast passes its options by name (torch.ops accepts keywords for
   any schema argument); the kernels below receive them by name too (`named`). The schemas keep
   their arguments positional all the same: a keyword-only schema argument costs ~0.4 us per
-  argument per dispatch (torch 2.13), ~18 us on a box-loss step that crosses the dispatcher three
-  times;
+  argument per dispatch (torch 2.13), ~18 us on a box-loss step whose three op calls all go through
+  the dispatcher (as under a mode, or torch.compile tracing);
 - `native`, the kernel that runs pyfast._C: registered for CPU and for CUDA where pyfast._C has
   kernels that can run there (pyfast._native.use_native);
 - `reference`, the op's pure-PyTorch twin: registered as CompositeExplicitAutograd, the dispatcher's
@@ -44,7 +44,7 @@ LIB = torch.library.Library("pyfast", "FRAGMENT")
 _NATIVE: dict[str, Callable] = {}  # each op's native kernel as registered (arguments by position)
 _NATIVE_BY_NAME: dict[str, Callable] = {}  # and as written (arguments by name)
 _AUTOGRAD: dict[str, Callable] = {}  # the differentiable ops' Autograd kernels for plain calls
-_DIFFERENTIABLE: set[str] = set()
+_DIFFERENTIABLE: set[str] = set()  # the ops given an autograd formula (the others fall through)
 _native_lib: torch.library.Library | None = None
 _warned: set[str] = set()
 _AFTER_AUTOGRAD = torch._C._after_autograd_keyset
