@@ -3,9 +3,7 @@ samples, --list-layers, usage errors, Ctrl-C and rerun."""
 
 import json
 import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -15,6 +13,8 @@ import pyfast
 from pyfast.cli.capture import main
 from pyfast.data import SyntheticSource, images_to_device
 from pyfast.models import TinyBackbone
+
+from processes import interrupt_when
 
 from .helpers import folder_bytes
 
@@ -170,21 +170,11 @@ def test_sigint_to_the_command_line(tmp_path):
     cmd = [sys.executable, "-m", "pyfast.cli.capture", "--model", TINY, "--layers", "body.0", "--data",
            "synthetic:,num_samples=40,image_size=32", "--image-size", "32", "--batch-size", "2", "--shard-mb", "0.1",
            "--out", str(out), "--no-progress"]
+    log = out / "shards.jsonl"
     # cwd away from the checkout, like the other subprocess tests: the installed package is imported
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    try:
-        deadline = time.time() + 120
-        log = out / "shards.jsonl"
-        while not (log.exists() and log.read_text().count("\n") >= 2):
-            assert proc.poll() is None, proc.communicate()
-            assert time.time() < deadline
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
+    returncode, _, err = interrupt_when(cmd, lambda: log.exists() and log.read_text().count("\n") >= 2,
+                                        signal.SIGINT, cwd=tmp_path)
+    assert returncode == 130, err
     assert "rerun the same command to continue" in err
     assert not pyfast.ActivationDataset(out, partial=True).manifest["status"] == "complete"
     assert main(cmd[3:]) == 0

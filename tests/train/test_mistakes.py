@@ -5,14 +5,14 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
-import time
 
 import pytest
 
 from pyfast.cli.train import main
 from pyfast.train.metrics import read_jsonl
+
+from processes import interrupt_when
 
 
 def one_line_error(capsys, code_expected, code):
@@ -175,19 +175,8 @@ def test_ctrl_c_while_the_run_is_being_built(tmp_path):
     cmd = [sys.executable, "-m", "pyfast.cli.train", "--backbone", "slow_backbone:make", "--out", str(tmp_path / "run"),
            "--data", "synthetic:,num_samples=20,image_size=32", "--image-size", "32"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
-    try:
-        deadline = time.time() + 120
-        while not (tmp_path / "building").exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.time() < deadline
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        _out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
+    returncode, _, err = interrupt_when(cmd, (tmp_path / "building").exists, signal.SIGINT, cwd=tmp_path, env=env)
+    assert returncode == 130, err
     assert err.strip().splitlines() == ["pyfast-train: error: interrupted before training started; nothing was written"]
     assert not (tmp_path / "run").exists()
 

@@ -1,11 +1,11 @@
 import json
 import signal
-import subprocess
 import sys
-import time
 
 from pyfast.cli.train import main
 from pyfast.train.metrics import read_jsonl
+
+from processes import interrupt_when
 
 
 def _losses(run):
@@ -30,19 +30,9 @@ def test_sigterm_leaves_a_resumable_run(tmp_path, tiny_args, tiny_yaml):
     cmd = [sys.executable, "-m", "pyfast.cli.train"] + tiny_args + ["--config", tiny_yaml, "--epochs", "400", "--out", str(run)]
     # cwd away from the checkout: `-m` puts the cwd first on sys.path, and the source tree's pyfast/
     # has no built kernels.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    try:
-        deadline = time.time() + 120
-        while len(read_jsonl(run / "metrics.jsonl")) < 3:
-            assert proc.poll() is None, proc.communicate()
-            assert time.time() < deadline
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    returncode, _, err = interrupt_when(cmd, lambda: len(read_jsonl(run / "metrics.jsonl")) >= 3, signal.SIGTERM,
+                                        cwd=tmp_path)
+    assert returncode == 128 + signal.SIGTERM, err
     assert "--resume" in err
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "interrupted (SIGTERM)"
