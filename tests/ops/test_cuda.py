@@ -18,6 +18,7 @@ from pyfast.ops.pack import pack_buffers
 
 from boxes import random_boxes
 from conftest import assert_close
+from packs import assert_packs_like_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -141,16 +142,6 @@ def test_16bit_masks_whose_size_is_not_a_multiple_of_8(dtype, kind, shape):
                  1e-6, 0)  # fmt: skip
 
 
-def _pack_matches_reference(tensors, dtype=torch.float16, saturate=True):
-    buffer, counts, absmax = pack_buffers(tensors, dtype, saturate)
-    want = reference.pack_reference([t.cpu() for t in tensors], dtype=dtype, saturate=saturate)
-    buffer = buffer.cpu()
-    nan = torch.isnan(buffer.float())
-    assert torch.equal(nan, torch.isnan(want[0].float()))  # NaN payloads may differ
-    assert torch.equal(buffer.view(torch.int16)[~nan], want[0].view(torch.int16)[~nan])
-    assert torch.equal(counts.cpu(), want[1]) and torch.equal(absmax.cpu(), want[2])
-
-
 def test_pack_more_items_than_grid_rows():
     # 70,000 items: more than the 65,535 rows a CUDA grid can have in y.
     g = torch.Generator().manual_seed(3)
@@ -159,7 +150,7 @@ def test_pack_more_items_than_grid_rows():
     flat[::997] = math.inf
     flat[5::1009] = math.nan
     tensors = list(flat.cuda().split(sizes))
-    _pack_matches_reference(tensors)
+    assert_packs_like_reference(tensors)
 
 
 def test_pack_one_large_tensor_among_many_small():
@@ -168,8 +159,8 @@ def test_pack_one_large_tensor_among_many_small():
     large = torch.randn(1 << 22, generator=g, dtype=torch.float64) * 1e5
     large[-1] = math.nan
     tensors = [t.cuda() for t in small[:1500] + [large] + small[1500:]]
-    _pack_matches_reference(tensors)
-    _pack_matches_reference(tensors, torch.bfloat16, False)
+    assert_packs_like_reference(tensors)
+    assert_packs_like_reference(tensors, torch.bfloat16, False)
 
 
 def test_huge_masks_beyond_2_to_the_31_elements():

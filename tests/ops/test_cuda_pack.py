@@ -10,23 +10,12 @@ import math
 import pytest
 import torch
 
-from pyfast.ops import reference
 from pyfast.ops.pack import pack_buffers
 
 from conftest import requires_cuda
+from packs import assert_packs_like_reference, assert_same_pack
 
 pytestmark = requires_cuda
-
-
-def _assert_packs_like_reference(tensors, dtype=torch.float16, saturate=True):
-    buffer, counts, absmax = pack_buffers(tensors, dtype, saturate)
-    want = reference.pack_reference([t.cpu() for t in tensors], dtype=dtype, saturate=saturate)
-    buffer = buffer.cpu()
-    nan = torch.isnan(buffer.float())
-    assert torch.equal(nan, torch.isnan(want[0].float()))  # NaN payloads may differ
-    assert torch.equal(buffer.view(torch.int16)[~nan], want[0].view(torch.int16)[~nan])
-    assert torch.equal(counts.cpu(), want[1])
-    assert torch.equal(absmax.cpu(), want[2])
 
 
 def _values(n, generator, dtype=torch.float32, scale=3e4):
@@ -57,7 +46,7 @@ def test_one_large_item_among_many_small_of_every_dtype_and_alignment(out_dtype,
     tensors.insert(1300, _misaligned_view((1 << 20) + 1, 1, torch.float32, g))  # source and output phases differ
     tensors.insert(1500, _misaligned_view((1 << 20), 2, torch.float16, g))
     tensors.insert(10, torch.empty(0, device="cuda"))  # items without elements have no tiles
-    _assert_packs_like_reference(tensors, out_dtype, saturate)
+    assert_packs_like_reference(tensors, out_dtype, saturate)
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 8191, 8192, 8193, 3 * 8192 + 5])
@@ -67,7 +56,7 @@ def test_tile_edges(n, offset, dtype):
     # Items of about one tile (8192 elements), at every phase of the output and the source.
     g = torch.Generator().manual_seed(n + offset)
     tensors = [_values(offset + 1, g, dtype).cuda(), _misaligned_view(n, offset, dtype, g), _values(n, g, dtype).cuda()]
-    _assert_packs_like_reference(tensors)
+    assert_packs_like_reference(tensors)
 
 
 def test_capture_in_a_cuda_graph_replays_like_eager():
@@ -87,18 +76,10 @@ def test_capture_in_a_cuda_graph_replays_like_eager():
             captured = pack_buffers(inputs, torch.float16, True)
         graph.replay()
         torch.cuda.synchronize()
-        _assert_packs_like(captured, eager)
+        assert_same_pack(captured, eager)
         # A replay reads the inputs' current values, from the same addresses.
         for t in inputs:
             t.mul_(-0.5)
         graph.replay()
         torch.cuda.synchronize()
-        _assert_packs_like(captured, pack_buffers(inputs, torch.float16, True))
-
-
-def _assert_packs_like(got, want):
-    buffer, counts, absmax = got
-    nan = torch.isnan(buffer.float())
-    assert torch.equal(nan, torch.isnan(want[0].float()))
-    assert torch.equal(buffer.view(torch.int16)[~nan], want[0].view(torch.int16)[~nan])
-    assert torch.equal(counts, want[1]) and torch.equal(absmax, want[2])
+        assert_same_pack(captured, pack_buffers(inputs, torch.float16, True))

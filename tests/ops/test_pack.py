@@ -11,17 +11,9 @@ from pyfast.ops.pack import pack_buffers
 from pyfast.ops.reference import pack_reference
 
 from backends import pyfast_env
+from packs import assert_packs_like_reference, assert_same_bits
 
 TARGETS = (torch.float16, torch.bfloat16)
-
-
-def assert_same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
-    """Equal bit patterns; NaNs only need to be NaN in both (payloads may differ)."""
-    got, want = got.cpu(), want.cpu()
-    assert got.dtype == want.dtype and got.shape == want.shape
-    got_nan, want_nan = torch.isnan(got.float()), torch.isnan(want.float())
-    assert torch.equal(got_nan, want_nan)
-    assert torch.equal(got.view(torch.int16)[~got_nan], want.view(torch.int16)[~want_nan])
 
 
 def all_float16() -> torch.Tensor:
@@ -80,10 +72,7 @@ def isa(request):
 @pytest.mark.parametrize("saturate", [False, True])
 def test_both_cpu_code_paths_agree_with_reference(isa, target, saturate):
     inputs = mixed_inputs() + [halfway_float32(), random_bits_float32(4099)]
-    got = pack_buffers(inputs, target, saturate)
-    want = pack_reference(inputs, dtype=target, saturate=saturate)
-    assert_same_bits(got[0], want[0])
-    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    assert_packs_like_reference(inputs, target, saturate)
 
 
 @pytest.mark.parametrize("target", TARGETS)
