@@ -131,8 +131,8 @@ def _folder_bytes(path) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def make_runner(impl: str, model, dataset, root):
-    """fn() -> bytes written; each call writes a fresh output."""
+def fresh_dirs(root: str):
+    """fresh() -> a new empty folder under `root` for each call, the previous call's removed."""
     counter = [0]
 
     def fresh() -> str:
@@ -142,6 +142,13 @@ def make_runner(impl: str, model, dataset, root):
         counter[0] += 1
         os.makedirs(path)
         return path
+
+    return fresh
+
+
+def make_runner(impl: str, model, dataset, root):
+    """fn() -> bytes written; each call writes a fresh output."""
+    fresh = fresh_dirs(root)
 
     def fused():
         out = fresh()
@@ -264,14 +271,7 @@ def activations_of(model, dataset) -> dict:
 
 def make_storer(impl: str, acts: dict, root: str):
     names = list(acts)
-    counter = [0]
-
-    def fresh() -> str:
-        shutil.rmtree(os.path.join(root, str(counter[0] - 1)), ignore_errors=True)
-        path = os.path.join(root, str(counter[0]))
-        counter[0] += 1
-        os.makedirs(path)
-        return path
+    fresh = fresh_dirs(root)
 
     def fused():
         out = fresh()
