@@ -134,14 +134,6 @@ def _c(name: str) -> Callable:
     return value
 
 
-def _cpu_kernel(kernel: str) -> tuple[Callable, Callable]:
-    """Kernel `kernel`'s argument struct and CPU entry point, looked up once."""
-    value = _resolved.get(kernel)
-    if value is None:
-        value = _resolved[kernel] = (getattr(_C, _ARGS[kernel]), getattr(_C, kernel + "_cpu"))
-    return value
-
-
 def launch(kernel: str, device: torch.device, **fields):
     """Runs native kernel `kernel` ("box_loss_forward", ...) on `device` with its argument struct
     built from `fields` (every field by name; see csrc/bindings.cpp), and returns what the kernel
@@ -151,10 +143,9 @@ def launch(kernel: str, device: torch.device, **fields):
     current for the launch, runs on its current torch stream (ordered with the surrounding torch
     work, no sync) and gets the scratch memory it asks for from torch's caching allocator.
     """
-    if device.type == "cpu":
-        struct, run = _cpu_kernel(kernel)
-        return run(struct(**fields), threads=torch.get_num_threads())
     args = _c(_ARGS[kernel])(**fields)
+    if device.type == "cpu":
+        return _c(kernel + "_cpu")(args, threads=torch.get_num_threads())
     name = kernel + "_" + device.type
     size = _c(name + "_workspace")(args)
     workspace = torch.empty(size, dtype=torch.uint8, device=device) if size else None
