@@ -21,9 +21,17 @@ template <class A> PYFAST_HD A relu(A x) { return x > A(0) ? x : A(0); }
 template <class A> PYFAST_HD A relu_grad(A x) { return A(x >= A(0)); }
 template <class A> PYFAST_HD A min2(A a, A b) { return a < b ? a : b; }
 template <class A> PYFAST_HD A max2(A a, A b) { return a > b ? a : b; }
-// d max(a,b)/da and d min(a,b)/da, half on ties.
-template <class A> PYFAST_HD A max_grad_a(A a, A b) { return A(a > b) + A(0.5) * A(a == b); }
-template <class A> PYFAST_HD A min_grad_a(A a, A b) { return A(a < b) + A(0.5) * A(a == b); }
+// The share of g that reaches a through max(a, b): all of it, none, or half on a tie (torch's
+// convention). Selects of values computed either way, so the CPU loops still vectorize.
+template <class A> PYFAST_HD A max_share(A a, A b, A g) { return a > b ? g : (a < b ? A(0) : A(0.5) * g); }
+// Adds to ga and gb the gradients of a pair (a, b) of which the larger receives g_hi and the
+// smaller g_lo (both halves on a tie). Every min and max over the same two coordinates is one such
+// pair, so one comparison routes them all.
+template <class A> PYFAST_HD void route_by_order(A a, A b, A g_hi, A g_lo, A& ga, A& gb) {
+  const A half = A(0.5) * (g_hi + g_lo);
+  ga += a > b ? g_hi : (a < b ? g_lo : half);
+  gb += a > b ? g_lo : (a < b ? g_hi : half);
+}
 template <class A> PYFAST_HD A sign(A x) { return A(x > A(0)) - A(x < A(0)); }
 
 // atan of a non-negative argument (an aspect ratio). On the CPU in float, a branch-free
@@ -40,7 +48,8 @@ template <> PYFAST_HD float atan_nonneg<float>(float x) {
   const bool large = x > 2.414213562373095f;   // tan(3pi/8)
   const bool medium = x > 0.4142135623730950f;  // tan(pi/8)
   const float offset = large ? 1.5707963267948966f : (medium ? 0.7853981633974483f : 0.0f);
-  const float r = large ? -1.0f / x : (medium ? (x - 1.0f) / (x + 1.0f) : x);
+  // One division for the three ranges: -1/x, (x-1)/(x+1) or x/1.
+  const float r = (large ? -1.0f : (medium ? x - 1.0f : x)) / (large ? x : (medium ? x + 1.0f : 1.0f));
   const float z = r * r;
   const float poly = ((8.05374449538e-2f * z - 1.38776856032e-1f) * z + 1.99777106478e-1f) * z - 3.33329491539e-1f;
   return offset + (poly * z * r + r);
@@ -53,20 +62,25 @@ template <> PYFAST_HD float atan_nonneg<float>(float x) {
 template <class A> PYFAST_HD A hull_extent(A a1, A a2, A b1, A b2) {
   return max2(max2(a2, b2), max2(a1, b1)) - min2(min2(a1, b1), min2(a2, b2));
 }
-template <class A>
-PYFAST_HD void hull_extent_backward(A a1, A a2, A b1, A b2, A g, A& ga1, A& ga2, A& gb1, A& gb2) {
+// Accumulates the gradients of one axis's intersection extent min(a2, b2) - max(a1, b1) (scale g_i)
+// and, unless IoU, of its hull_extent (scale g_c) into the pair's coordinates. Written per pair of
+// compared coordinates: (a1, b1) meet in max(a1, b1) (intersection and hull) and min(a1, b1) (hull),
+// (a2, b2) in min(a2, b2) (intersection and hull) and max(a2, b2) (hull).
+template <int MODE, class A>
+PYFAST_HD void axis_backward(A a1, A a2, A b1, A b2, A g_i, A g_c, A& ga1, A& ga2, A& gb1, A& gb2) {
+  if (MODE == kIoU) {
+    route_by_order(a1, b1, -g_i, A(0), ga1, gb1);
+    route_by_order(a2, b2, A(0), g_i, ga2, gb2);
+    return;
+  }
   const A hi_outer = max2(a2, b2), hi_inner = max2(a1, b1);
-  const A g_hi_outer = g * max_grad_a(hi_outer, hi_inner), g_hi_inner = g * max_grad_a(hi_inner, hi_outer);
-  ga2 += g_hi_outer * max_grad_a(a2, b2);
-  gb2 += g_hi_outer * max_grad_a(b2, a2);
-  ga1 += g_hi_inner * max_grad_a(a1, b1);
-  gb1 += g_hi_inner * max_grad_a(b1, a1);
   const A lo_outer = min2(a1, b1), lo_inner = min2(a2, b2);
-  const A g_lo_outer = -g * min_grad_a(lo_outer, lo_inner), g_lo_inner = -g * min_grad_a(lo_inner, lo_outer);
-  ga1 += g_lo_outer * min_grad_a(a1, b1);
-  gb1 += g_lo_outer * min_grad_a(b1, a1);
-  ga2 += g_lo_inner * min_grad_a(a2, b2);
-  gb2 += g_lo_inner * min_grad_a(b2, a2);
+  // The hull extent is max(hi_outer, hi_inner) - min(lo_outer, lo_inner).
+  // The two shares of a split add up to g_c exactly (g_c, 0 or halves), so one comparison each.
+  const A g_hi_outer = max_share(hi_outer, hi_inner, g_c), g_hi_inner = g_c - g_hi_outer;
+  const A g_lo_outer = -max_share(lo_inner, lo_outer, g_c), g_lo_inner = -g_c - g_lo_outer;
+  route_by_order(a1, b1, g_hi_inner - g_i, g_lo_outer, ga1, gb1);
+  route_by_order(a2, b2, g_hi_outer, g_i + g_lo_inner, ga2, gb2);
 }
 
 constexpr double kFourOverPiSquared = 0.40528473456935108577551785283891;  // 4 / pi^2
@@ -180,7 +194,9 @@ template <int MODE, class A> PYFAST_HD A variant_forward(const A* p, const A* t,
   return diou - alpha * v;
 }
 
-// Accumulates g * d(variant)/d(box) into gp (pred) and gt (target), both xyxy.
+// Accumulates g * d(variant)/d(box) into gp (pred) and gt (target), both xyxy. Each division of
+// the forward whose denominator recurs is one reciprocal here: the backward is bound by the number
+// of vector operations, not by memory.
 template <int MODE, class A> PYFAST_HD void variant_backward(const A* p, const A* t, A eps, A g, A* gp, A* gt) {
   // Recompute the forward quantities.
   const A wp_raw = p[2] - p[0], hp_raw = p[3] - p[1];
@@ -192,32 +208,34 @@ template <int MODE, class A> PYFAST_HD void variant_backward(const A* p, const A
   const A inter = iw * ih;
   const A uni = wp * hp + wg * hg - inter;
   const A U = uni + eps;
-  const A iou = inter / U;
+  const A inv_U = A(1) / U;
+  const A iou = inter * inv_U;
 
   A g_uni = A(0), g_cw = A(0), g_ch = A(0), g_wp = A(0), g_hp = A(0), g_wg = A(0), g_hg = A(0);
   if (MODE != kIoU) {
     const A cw = hull_extent(p[0], p[2], t[0], t[2]);
     const A ch = hull_extent(p[1], p[3], t[1], t[3]);
     if (MODE == kGIoU) {
-      // An enclosing box of zero area (both boxes of zero area, on one line): the penalty is
-      // 0 / eps = 0 and passes no gradient (it would be ~1/eps).
+      // penalty = (area_c - uni) / (area_c + eps). An enclosing box of zero area (both boxes of
+      // zero area, on one line): the penalty is 0 / eps = 0 and passes no gradient (it would be ~1/eps).
       const A area_c = cw * ch, live_c = A(area_c > A(0));
-      const A ce = area_c + eps;
-      const A g_c = -live_c * g * (uni + eps) / (ce * ce);
-      g_uni += live_c * g / ce;
+      const A inv_ce = A(1) / (area_c + eps);
+      const A g_pen = live_c * g * inv_ce;  // d variant / d uni
+      const A g_c = -g_pen * U * inv_ce;    // d variant / d area_c
+      g_uni += g_pen;
       g_cw += g_c * ch;
       g_ch += g_c * cw;
     } else {
       const A dx = A(0.5) * (p[0] + p[2] - t[0] - t[2]);
       const A dy = A(0.5) * (p[1] + p[3] - t[1] - t[3]);
       const A rho2 = dx * dx + dy * dy;
-      const A c2 = cw * cw + ch * ch + eps;
-      const A g_c2 = g * rho2 / (c2 * c2);
+      const A inv_c2 = A(1) / (cw * cw + ch * ch + eps);
+      const A g_c2 = g * rho2 * inv_c2 * inv_c2;
       g_cw += g_c2 * A(2) * cw;
       g_ch += g_c2 * A(2) * ch;
       // d rho2 / d x1 = dx (the centre is (x1+x2)/2); the penalty enters with a minus sign.
-      const A g_dx = -g * dx / c2;
-      const A g_dy = -g * dy / c2;
+      const A g_dx = -g * dx * inv_c2;
+      const A g_dy = -g * dy * inv_c2;
       gp[0] += g_dx;
       gp[2] += g_dx;
       gt[0] -= g_dx;
@@ -228,7 +246,8 @@ template <int MODE, class A> PYFAST_HD void variant_backward(const A* p, const A
       gt[3] -= g_dy;
       if (MODE == kCIoU) {
         const A hpe = hp + eps, hge = hg + eps;
-        const A rp = wp / hpe, rg = wg / hge;
+        const A inv_hpe = A(1) / hpe, inv_hge = A(1) / hge;
+        const A rp = wp * inv_hpe, rg = wg * inv_hge;
         const A diff = atan_nonneg(rg) - atan_nonneg(rp);
         const A v = A(kFourOverPiSquared) * diff * diff;
         const A alpha = v / (A(1) - iou + v + eps);
@@ -236,42 +255,32 @@ template <int MODE, class A> PYFAST_HD void variant_backward(const A* p, const A
         // The angle's gradient has norm 1 / |(w, h + eps)|, ~1/eps for a point box: it is scaled
         // by min(1, |(w, h + eps)|^2 / (kAspectFloor^2 c2)), which bounds it by
         // 1 / (kAspectFloor sqrt(c2)) and leaves boxes larger than that untouched.
-        const A floor2 = A(kAspectFloor * kAspectFloor) * c2;
-        const A fp = min2(A(1), (wp * wp + hpe * hpe) / floor2), fg = min2(A(1), (wg * wg + hge * hge) / floor2);
+        const A inv_floor2 = inv_c2 * A(1.0 / (kAspectFloor * kAspectFloor));
+        const A fp = min2(A(1), (wp * wp + hpe * hpe) * inv_floor2), fg = min2(A(1), (wg * wg + hge * hge) * inv_floor2);
         const A dp = fp / (A(1) + rp * rp), dg = fg / (A(1) + rg * rg);
-        g_wp += -g_diff * dp / hpe;
-        g_hp += g_diff * dp * wp / (hpe * hpe);
-        g_wg += g_diff * dg / hge;
-        g_hg += -g_diff * dg * wg / (hge * hge);
+        g_wp += -g_diff * dp * inv_hpe;
+        g_hp += g_diff * dp * rp * inv_hpe;
+        g_wg += g_diff * dg * inv_hge;
+        g_hg += -g_diff * dg * rg * inv_hge;
       }
     }
   }
   // iou = inter / (uni + eps). A zero union (both boxes of zero area): the IoU is 0 / eps = 0 and
   // passes no gradient (it would be ~1/eps through the clamp's gradient at 0).
   const A live = A(uni > A(0));
-  A g_inter = live * g / U;
-  g_uni += -live * g * inter / (U * U);
+  A g_inter = live * g * inv_U;
+  g_uni -= g_inter * iou;
   // uni = wp*hp + wg*hg - inter
   g_inter -= g_uni;
   g_wp += g_uni * hp;
   g_hp += g_uni * wp;
   g_wg += g_uni * hg;
   g_hg += g_uni * wg;
-  // inter = relu(iw_raw) * relu(ih_raw)
+  // inter = relu(iw_raw) * relu(ih_raw); the extents' min/max and the hull, per axis.
   const A g_iw = g_inter * ih * relu_grad(iw_raw);
   const A g_ih = g_inter * iw * relu_grad(ih_raw);
-  gp[2] += g_iw * min_grad_a(p[2], t[2]);
-  gt[2] += g_iw * min_grad_a(t[2], p[2]);
-  gp[0] -= g_iw * max_grad_a(p[0], t[0]);
-  gt[0] -= g_iw * max_grad_a(t[0], p[0]);
-  gp[3] += g_ih * min_grad_a(p[3], t[3]);
-  gt[3] += g_ih * min_grad_a(t[3], p[3]);
-  gp[1] -= g_ih * max_grad_a(p[1], t[1]);
-  gt[1] -= g_ih * max_grad_a(t[1], p[1]);
-  if (MODE != kIoU) {
-    hull_extent_backward(p[0], p[2], t[0], t[2], g_cw, gp[0], gp[2], gt[0], gt[2]);
-    hull_extent_backward(p[1], p[3], t[1], t[3], g_ch, gp[1], gp[3], gt[1], gt[3]);
-  }
+  axis_backward<MODE>(p[0], p[2], t[0], t[2], g_iw, g_cw, gp[0], gp[2], gt[0], gt[2]);
+  axis_backward<MODE>(p[1], p[3], t[1], t[3], g_ih, g_ch, gp[1], gp[3], gt[1], gt[3]);
   // Box sizes: w = relu(x2 - x1).
   g_wp *= relu_grad(wp_raw);
   g_hp *= relu_grad(hp_raw);
@@ -300,6 +309,13 @@ template <int MODE, int FORMAT, class A, bool SCALED = false> struct BoxLoss {
 
   PYFAST_HD BoxLoss<MODE, FORMAT, A, true> scaled() const { return {l1_weight, iou_weight, eps}; }
 
+  // nonfinite_poison, which only the scaled loss needs: a non-finite coordinate always sends its
+  // pair there (PairScale::needs_scale), so the unscaled loss never sees one. Adding zero instead
+  // keeps the two losses' results bit for bit alike on ordinary pairs (-0 + 0 is +0 in both).
+  PYFAST_HD static A poison(const A* p_raw, const A* t_raw) {
+    return SCALED ? nonfinite_poison(p_raw, t_raw) : A(0);
+  }
+
   // The pair scaled (PairScale) and in xyxy, ready for the IoU math.
   PYFAST_HD PairScale::Factors<A> prepare(const A* p_raw, const A* t_raw, A* p, A* t) const {
     const PairScale::Factors<A> f = scale_pair<SCALED>(p_raw, t_raw, p, t);
@@ -320,7 +336,7 @@ template <int MODE, int FORMAT, class A, bool SCALED = false> struct BoxLoss {
       cxcywh_to_xyxy(t);
     }
     const A var = variant_forward<MODE>(p, t, eps);
-    return l1_weight * (A(0.25) * l1 * f.inv_s) + iou_weight * (A(1) - var) + nonfinite_poison(p_raw, t_raw);
+    return l1_weight * (A(0.25) * l1 * f.inv_s) + iou_weight * (A(1) - var) + poison(p_raw, t_raw);
   }
 
   // With per-coordinate weights w[4]: sum_k w_k |p_k - t_k| / 4 for the L1 term, mean(w) for the IoU term.
@@ -336,13 +352,13 @@ template <int MODE, int FORMAT, class A, bool SCALED = false> struct BoxLoss {
     const A w_mean = A(0.25) * (w[0] + w[1] + w[2] + w[3]);
     const A var = variant_forward<MODE>(p, t, eps);
     return l1_weight * (A(0.25) * l1 * f.inv_s) + iou_weight * w_mean * (A(1) - var) +
-           nonfinite_poison(p_raw, t_raw);
+           poison(p_raw, t_raw);
   }
 
   PYFAST_HD A variant(const A* p_raw, const A* t_raw) const {
     A p[4], t[4];
     prepare(p_raw, t_raw, p, t);
-    return variant_forward<MODE>(p, t, eps) + nonfinite_poison(p_raw, t_raw);
+    return variant_forward<MODE>(p, t, eps) + poison(p_raw, t_raw);
   }
 
   // gp, gt receive d loss / d box (overwritten), where the L1 term of coordinate k has the
@@ -356,12 +372,12 @@ template <int MODE, int FORMAT, class A, bool SCALED = false> struct BoxLoss {
       xyxy_grad_to_cxcywh(gp);
       xyxy_grad_to_cxcywh(gt);
     }
-    const A poison = nonfinite_poison(p_raw, t_raw);
+    const A nonfinite = poison(p_raw, t_raw);
     for (int k = 0; k < 4; ++k) {
       const A s = g_l1[k] * l1_weight * A(0.25) * sign(p_raw[k] - t_raw[k]);
       // d variant(s x) / dx = s variant'(s x)
-      gp[k] = gp[k] * f.s + s + poison;
-      gt[k] = gt[k] * f.s - s + poison;
+      gp[k] = gp[k] * f.s + s + nonfinite;
+      gt[k] = gt[k] * f.s - s + nonfinite;
     }
   }
 
@@ -389,8 +405,8 @@ template <int MODE, int FORMAT, class A, bool SCALED = false> struct BoxLoss {
       cxcywh_to_xyxy(t);
     }
     const A iou_term = iou_weight * (A(1) - variant_forward<MODE>(p, t, eps));
-    const A poison = nonfinite_poison(p_raw, t_raw);
-    for (int k = 0; k < 4; ++k) gw[k] = g * (A(0.25) * (l1_weight * d[k] + iou_term)) + poison;
+    const A nonfinite = poison(p_raw, t_raw);
+    for (int k = 0; k < 4; ++k) gw[k] = g * (A(0.25) * (l1_weight * d[k] + iou_term)) + nonfinite;
   }
 };
 
