@@ -31,13 +31,6 @@ template <class A> inline auto pair_bits(const A* p, const A* t) {
   return m;
 }
 
-// The per-box loops below are branch-free maps over one block so that the compiler vectorizes
-// them. They run the loss without the PairScale step and return whether a pair needed it (a
-// coordinate at or beyond its threshold, inf and NaN included); the caller then redoes that block
-// with the scaled loss. Only what changes the per-box math is a template parameter (the output
-// kind here, whether grad_target is written below): weights and the gradient's scale are applied in
-// separate passes over the block, which cost nothing next to the IoU math and keep the number of
-// instantiations (each compiled twice, for AVX2 and the baseline) small.
 // A chunk of boxes as four columns (one per coordinate). The per-box loops read and write these
 // instead of the interleaved boxes: converting between the two layouts inside the backward's loop
 // body, among the IoU math's ~40 live values, made GCC spill and store element by element (~430
@@ -59,6 +52,13 @@ PYFAST_HD void from_columns(const BoxColumns<A>& in, int64_t count, T* __restric
   }
 }
 
+// The per-box loops below are branch-free maps over one block so that the compiler vectorizes
+// them. They run the loss without the PairScale step and return whether a pair needed it (a
+// coordinate at or beyond its threshold, inf and NaN included); the caller then redoes that block
+// with the scaled loss. Only what changes the per-box math is a template parameter (the output
+// kind here, whether grad_target is written below): weights and the gradient's scale are applied in
+// separate passes over the block, which cost nothing next to the IoU math and keep the number of
+// instantiations (each compiled three times: AVX-512, AVX2 and the baseline) small.
 template <bool VARIANT, class T, class Loss, class A>
 PYFAST_SIMD_CLONES bool map_block(const Loss& loss, int64_t count, const T* __restrict__ pred,
                                   const T* __restrict__ target, A* __restrict__ out) {
