@@ -289,7 +289,9 @@ PYBIND11_MODULE(_C, m) {
       .field("output", &BoxLossForward::output)
       .field("reduction", &BoxLossForward::reduction)
       .field("avg_factor", &BoxLossForward::avg_factor)
-      .field("out", &BoxLossForward::out);
+      .field("out", &BoxLossForward::out)
+      .field("grad_pred", &BoxLossForward::grad_pred)
+      .field("grad_target", &BoxLossForward::grad_target);
   Struct<BoxLossBackward>(m, "BoxLossBackward", "Arguments of box_loss_backward_*.")
       .field("options", &BoxLossBackward::options)
       .field("n", &BoxLossBackward::n)

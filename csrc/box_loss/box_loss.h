@@ -34,6 +34,10 @@ struct BoxLossOptions {
 // Forward. output == kLoss: with a reduction, out[0] = scale * sum_i weighted loss_i (scale from
 // reduction_scale); without, out[i] = weighted loss_i. output == kVariant: out[i] = the IoU variant
 // (no weight, no reduction).
+//
+// grad_pred (and grad_target) not null, CPU only, kLoss with a reduction: the same pass also writes
+// d out[0] / d pred (and d out[0] / d target), the backward for grad_out = 1, with each block's
+// boxes still in cache: the inputs are read from memory once per training step instead of twice.
 struct BoxLossForward {
   BoxLossOptions options;
   int64_t n = 0;
@@ -45,6 +49,7 @@ struct BoxLossForward {
   Reduction reduction = Reduction::None;
   double avg_factor = 0.0;  // <= 0: none
   Address out;
+  Address grad_pred, grad_target;
 };
 
 // Backward of kLoss: grad_pred (and grad_target, grad_weight where not null) from grad_out (one

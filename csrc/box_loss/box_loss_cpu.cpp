@@ -2,6 +2,7 @@
 // together), one for the backward (recomputing from the inputs, nothing saved per box).
 #include "box_loss/box_loss.h"
 
+#include <stdexcept>
 #include <type_traits>
 #include <vector>
 
@@ -118,47 +119,6 @@ template <class A> double sum_block(const A* values, int64_t count) {
   return total;
 }
 
-template <class T, class Loss, class A = typename Acc<T>::type>
-void forward_impl(const Loss& loss, const BoxLossForward& args, int num_threads) {
-  const int64_t n = args.n;
-  const T* pred = args.pred.as<const T>();
-  const T* target = args.target.as<const T>();
-  const A* weight = args.weight.as<const A>();
-  A* out = args.out.as<A>();
-  const bool reduce = args.reduction != Reduction::None;
-  const int64_t num_blocks = ceil_div(n, kBoxesPerBlock);
-  // Per-block partial sums in double, added in block order: the result does not depend on the
-  // thread count.
-  std::vector<double> partial(reduce ? num_blocks : 0, 0.0);
-  parallel_blocks(num_blocks, num_threads, kMinBlocksPerThread, [&](int64_t b) {
-    const int64_t begin = b * kBoxesPerBlock, count = std::min(n, begin + kBoxesPerBlock) - begin;
-    const T* p = pred + 4 * begin;
-    const T* t = target + 4 * begin;
-    const A* w = weight ? weight + begin * weight_stride(args.weight_kind) : nullptr;
-    A scratch[kBoxesPerBlock];
-    A* dst = reduce ? scratch : out + begin;
-    if (args.output == box::kLoss && args.weight_kind == box::kPerCoordinate) {
-      // mmdet-style inputs, not the hot path: box by box, the scaling step always on.
-      map_block_generic(loss.scaled(), count, p, t, args.output, args.weight_kind, w, dst);
-    } else {
-      const bool needs_scale = args.output == box::kVariant ? map_block<true>(loss, count, p, t, dst)
-                                                            : map_block<false>(loss, count, p, t, dst);
-      if (needs_scale) {
-        // Ordinary pairs get the same bits either way: the whole block is simply done again.
-        map_block_generic(loss.scaled(), count, p, t, args.output, args.weight_kind, w, dst);
-      } else if (args.output == box::kLoss && args.weight_kind == box::kPerBox) {
-        for (int64_t j = 0; j < count; ++j) dst[j] *= w[j];
-      }
-    }
-    if (reduce) partial[b] = sum_block(scratch, count);
-  });
-  if (reduce) {
-    double total = 0.0;
-    for (double v : partial) total += v;
-    out[0] = static_cast<A>(total * static_cast<double>(A(reduction_scale(args.reduction, n, args.avg_factor))));
-  }
-}
-
 // Returns whether a pair needed the PairScale step, as map_block. g[j]: box j's gradient scale.
 template <bool TARGET_GRAD, class T, class Loss, class A>
 PYFAST_SIMD_CLONES bool backward_block(const Loss& loss, int64_t count, const A* __restrict__ g,
@@ -214,67 +174,138 @@ void backward_block_generic(const Loss& loss, int64_t count, const A* grad_out, 
   }
 }
 
+// Where one block's backward reads its gradient scale and writes its gradients.
+template <class T, class A> struct GradPlan {
+  const A* grad_out;    // one value (grad_is_scalar) or one per box
+  bool grad_is_scalar;
+  A g_scalar;           // grad_out[0] * scale, when grad_is_scalar
+  A scale;              // the reduction's
+  box::Weight weight_kind;
+  const A* weight;
+  T* grad_pred;
+  T* grad_target;       // may be null, as grad_weight
+  A* grad_weight;
+};
+
+template <class T, class Loss, class A>
+void backward_range(const Loss& loss, const GradPlan<T, A>& plan, const T* pred, const T* target, int64_t begin,
+                    int64_t count) {
+  const int64_t stride = weight_stride(plan.weight_kind);
+  const T* p = pred + 4 * begin;
+  const T* t = target + 4 * begin;
+  const A* g = plan.grad_is_scalar ? plan.grad_out : plan.grad_out + begin;
+  const A* w = plan.weight ? plan.weight + begin * stride : nullptr;
+  T* gp = plan.grad_pred + 4 * begin;
+  T* gt = plan.grad_target ? plan.grad_target + 4 * begin : nullptr;
+  A* gw = plan.grad_weight ? plan.grad_weight + begin * stride : nullptr;
+  if (plan.weight_kind == box::kPerCoordinate) {
+    // A plain loop: mmdet-style inputs, not the hot path, so the scaling step always runs.
+    backward_block_generic(loss.scaled(), count, g, plan.grad_is_scalar, plan.g_scalar, plan.scale, p, t,
+                           plan.weight_kind, w, gp, gt, gw);
+    return;
+  }
+  if (gw) {
+    // d loss / d weight_i = g_i * unweighted loss_i
+    for (int64_t j = 0; j < count; ++j) {
+      A pb[4], tb[4];
+      box::load_box(p + 4 * j, pb);
+      box::load_box(t + 4 * j, tb);
+      gw[j] = (plan.grad_is_scalar ? plan.g_scalar : g[j] * plan.scale) * loss.forward(pb, tb);
+    }
+  }
+  // Each box's gradient scale, as backward_block_generic computes it.
+  A scales[kBoxesPerBlock];
+  if (plan.grad_is_scalar) {
+    for (int64_t j = 0; j < count; ++j) scales[j] = plan.g_scalar;
+  } else {
+    for (int64_t j = 0; j < count; ++j) scales[j] = g[j] * plan.scale;
+  }
+  if (w) {
+    for (int64_t j = 0; j < count; ++j) scales[j] *= w[j];
+  }
+  const bool needs_scale = gt ? backward_block<true>(loss, count, scales, p, t, gp, gt)
+                              : backward_block<false>(loss, count, scales, p, t, gp, gt);
+  // Ordinary pairs get the same bits either way: the whole block is simply done again.
+  if (needs_scale) {
+    backward_block_generic(loss.scaled(), count, g, plan.grad_is_scalar, plan.g_scalar, plan.scale, p, t,
+                           plan.weight_kind, w, gp, gt, gw);
+  }
+}
+
 template <class T, class Loss, class A = typename Acc<T>::type>
 void backward_impl(const Loss& loss, const BoxLossBackward& args, int num_threads) {
-  const int64_t n = args.n;
   const A* grad_out = args.grad_out.as<const A>();
   const bool grad_is_scalar = args.reduction != Reduction::None;
-  const A scale = A(reduction_scale(args.reduction, n, args.avg_factor));
+  const A scale = A(reduction_scale(args.reduction, args.n, args.avg_factor));
+  const GradPlan<T, A> plan{grad_out,
+                            grad_is_scalar,
+                            grad_is_scalar ? grad_out[0] * scale : A(0),
+                            scale,
+                            args.weight_kind,
+                            args.weight.as<const A>(),
+                            args.grad_pred.as<T>(),
+                            args.grad_target.as<T>(),
+                            args.grad_weight.as<A>()};
+  const T* pred = args.pred.as<const T>();
+  const T* target = args.target.as<const T>();
+  parallel_blocks(ceil_div(args.n, kBoxesPerBlock), num_threads, kMinBlocksPerThread, [&](int64_t b) {
+    const int64_t begin = b * kBoxesPerBlock;
+    backward_range(loss, plan, pred, target, begin, std::min(args.n, begin + kBoxesPerBlock) - begin);
+  });
+}
+
+template <class T, class Loss, class A = typename Acc<T>::type>
+void forward_impl(const Loss& loss, const BoxLossForward& args, int num_threads) {
+  const int64_t n = args.n;
   const T* pred = args.pred.as<const T>();
   const T* target = args.target.as<const T>();
   const A* weight = args.weight.as<const A>();
-  T* grad_pred = args.grad_pred.as<T>();
-  T* grad_target = args.grad_target.as<T>();
-  A* grad_weight = args.grad_weight.as<A>();
-  const int64_t stride = weight_stride(args.weight_kind);
-  const A g_scalar = grad_is_scalar ? grad_out[0] * scale : A(0);
-  parallel_blocks(ceil_div(n, kBoxesPerBlock), num_threads, kMinBlocksPerThread, [&](int64_t b) {
+  A* out = args.out.as<A>();
+  const bool reduce = args.reduction != Reduction::None;
+  const A scale = A(reduction_scale(args.reduction, n, args.avg_factor));
+  // The gradient for grad_out = 1, where asked for: the backward's plan with g = 1 * scale.
+  const GradPlan<T, A> grad_plan{nullptr, true, scale, scale, args.weight_kind, weight, args.grad_pred.as<T>(),
+                                 args.grad_target.as<T>(), nullptr};
+  const int64_t num_blocks = ceil_div(n, kBoxesPerBlock);
+  // Per-block partial sums in double, added in block order: the result does not depend on the
+  // thread count.
+  std::vector<double> partial(reduce ? num_blocks : 0, 0.0);
+  parallel_blocks(num_blocks, num_threads, kMinBlocksPerThread, [&](int64_t b) {
     const int64_t begin = b * kBoxesPerBlock, count = std::min(n, begin + kBoxesPerBlock) - begin;
     const T* p = pred + 4 * begin;
     const T* t = target + 4 * begin;
-    const A* g = grad_is_scalar ? grad_out : grad_out + begin;
-    const A* w = weight ? weight + begin * stride : nullptr;
-    T* gp = grad_pred + 4 * begin;
-    T* gt = grad_target ? grad_target + 4 * begin : nullptr;
-    A* gw = grad_weight ? grad_weight + begin * stride : nullptr;
-    if (args.weight_kind == box::kPerCoordinate) {
-      // A plain loop: mmdet-style inputs, not the hot path, so the scaling step always runs.
-      backward_block_generic(loss.scaled(), count, g, grad_is_scalar, g_scalar, scale, p, t, args.weight_kind, w,
-                             gp, gt, gw);
-      return;
-    }
-    if (gw) {
-      // d loss / d weight_i = g_i * unweighted loss_i
-      for (int64_t j = 0; j < count; ++j) {
-        A pb[4], tb[4];
-        box::load_box(p + 4 * j, pb);
-        box::load_box(t + 4 * j, tb);
-        gw[j] = (grad_is_scalar ? g_scalar : g[j] * scale) * loss.forward(pb, tb);
+    const A* w = weight ? weight + begin * weight_stride(args.weight_kind) : nullptr;
+    A scratch[kBoxesPerBlock];
+    A* dst = reduce ? scratch : out + begin;
+    if (args.output == box::kLoss && args.weight_kind == box::kPerCoordinate) {
+      // mmdet-style inputs, not the hot path: box by box, the scaling step always on.
+      map_block_generic(loss.scaled(), count, p, t, args.output, args.weight_kind, w, dst);
+    } else {
+      const bool needs_scale = args.output == box::kVariant ? map_block<true>(loss, count, p, t, dst)
+                                                            : map_block<false>(loss, count, p, t, dst);
+      if (needs_scale) {
+        // Ordinary pairs get the same bits either way: the whole block is simply done again.
+        map_block_generic(loss.scaled(), count, p, t, args.output, args.weight_kind, w, dst);
+      } else if (args.output == box::kLoss && args.weight_kind == box::kPerBox) {
+        for (int64_t j = 0; j < count; ++j) dst[j] *= w[j];
       }
     }
-    // Each box's gradient scale, as backward_block_generic computes it.
-    A scales[kBoxesPerBlock];
-    if (grad_is_scalar) {
-      for (int64_t j = 0; j < count; ++j) scales[j] = g_scalar;
-    } else {
-      for (int64_t j = 0; j < count; ++j) scales[j] = g[j] * scale;
-    }
-    if (w) {
-      for (int64_t j = 0; j < count; ++j) scales[j] *= w[j];
-    }
-    const bool needs_scale = gt ? backward_block<true>(loss, count, scales, p, t, gp, gt)
-                                : backward_block<false>(loss, count, scales, p, t, gp, gt);
-    // Ordinary pairs get the same bits either way: the whole block is simply done again.
-    if (needs_scale) {
-      backward_block_generic(loss.scaled(), count, g, grad_is_scalar, g_scalar, scale, p, t, args.weight_kind, w,
-                             gp, gt, gw);
-    }
+    if (reduce) partial[b] = sum_block(scratch, count);
+    if (grad_plan.grad_pred) backward_range(loss, grad_plan, pred, target, begin, count);
   });
+  if (reduce) {
+    double total = 0.0;
+    for (double v : partial) total += v;
+    out[0] = static_cast<A>(total * static_cast<double>(scale));
+  }
 }
 
 }  // namespace
 
 void box_loss_forward_cpu(const BoxLossForward& args, int num_threads) {
+  if (args.grad_pred && (args.output != box::kLoss || args.reduction == Reduction::None)) {
+    throw std::invalid_argument("pyfast: box_loss_forward writes gradients only for a reduced loss");
+  }
   dispatch_float(args.dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = typename Acc<T>::type;

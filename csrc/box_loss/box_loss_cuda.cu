@@ -3,6 +3,8 @@
 // in a fixed order (deterministic, no atomics). Backward: one elementwise pass.
 #include "box_loss/box_loss.h"
 
+#include <stdexcept>
+
 #include "box_loss/box_loss_math.h"
 #include "common/cuda_utils.cuh"
 #include "common/dispatch.h"
@@ -103,6 +105,9 @@ int64_t box_loss_forward_cuda_workspace(const BoxLossForward& args) {
 }
 
 void box_loss_forward_cuda(const BoxLossForward& args, const CudaLaunch& launch) {
+  if (args.grad_pred || args.grad_target) {
+    throw std::invalid_argument("pyfast: box_loss_forward writes gradients on the CPU only");
+  }
   DeviceGuard device(launch.device);
   const cudaStream_t stream = stream_of(launch);
   const bool reduce = args.reduction != Reduction::None;
