@@ -120,10 +120,13 @@ template <class A> double sum_block(const A* values, int64_t count) {
 }
 
 // Returns whether a pair needed the PairScale step, as map_block. g[j]: box j's gradient scale.
-template <bool TARGET_GRAD, class T, class Loss, class A>
+// VALUES: also writes each box's (unweighted) loss to values[j], as map_block would: the forward's
+// math shares most of its terms with the backward's, which the compiler computes once.
+template <bool TARGET_GRAD, bool VALUES, class T, class Loss, class A>
 PYFAST_SIMD_CLONES bool backward_block(const Loss& loss, int64_t count, const A* __restrict__ g,
                                        const T* __restrict__ pred, const T* __restrict__ target,
-                                       T* __restrict__ grad_pred, T* __restrict__ grad_target) {
+                                       T* __restrict__ grad_pred, T* __restrict__ grad_target,
+                                       A* __restrict__ values) {
   decltype(abs_bits(A{})) largest = 0;
   BoxColumns<A> pc, tc, gpc, gtc;
   for (int64_t begin = 0; begin < count; begin += kColumnChunk) {
@@ -131,11 +134,13 @@ PYFAST_SIMD_CLONES bool backward_block(const Loss& loss, int64_t count, const A*
     to_columns(pred + 4 * begin, n, pc);
     to_columns(target + 4 * begin, n, tc);
     const A* gj = g + begin;
+    A* values_chunk = values + begin;
     for (int64_t j = 0; j < n; ++j) {
       const A p[4] = {pc.c[0][j], pc.c[1][j], pc.c[2][j], pc.c[3][j]};
       const A t[4] = {tc.c[0][j], tc.c[1][j], tc.c[2][j], tc.c[3][j]};
       const auto bits = pair_bits(p, t);
       largest = largest > bits ? largest : bits;
+      if (VALUES) values_chunk[j] = loss.forward(p, t);
       A gp[4], gt[4];
       loss.backward(p, t, gj[j], gp, gt);
       for (int k = 0; k < 4; ++k) gpc.c[k][j] = gp[k];
@@ -187,9 +192,11 @@ template <class T, class A> struct GradPlan {
   A* grad_weight;
 };
 
+// The backward of boxes [begin, begin + count). values, where not null (no per-coordinate weight):
+// each box's unweighted loss, from the same pass.
 template <class T, class Loss, class A>
 void backward_range(const Loss& loss, const GradPlan<T, A>& plan, const T* pred, const T* target, int64_t begin,
-                    int64_t count) {
+                    int64_t count, A* values = nullptr) {
   const int64_t stride = weight_stride(plan.weight_kind);
   const T* p = pred + 4 * begin;
   const T* t = target + 4 * begin;
@@ -223,10 +230,17 @@ void backward_range(const Loss& loss, const GradPlan<T, A>& plan, const T* pred,
   if (w) {
     for (int64_t j = 0; j < count; ++j) scales[j] *= w[j];
   }
-  const bool needs_scale = gt ? backward_block<true>(loss, count, scales, p, t, gp, gt)
-                              : backward_block<false>(loss, count, scales, p, t, gp, gt);
+  bool needs_scale;
+  if (values) {
+    needs_scale = gt ? backward_block<true, true>(loss, count, scales, p, t, gp, gt, values)
+                     : backward_block<false, true>(loss, count, scales, p, t, gp, gt, values);
+  } else {
+    needs_scale = gt ? backward_block<true, false>(loss, count, scales, p, t, gp, gt, values)
+                     : backward_block<false, false>(loss, count, scales, p, t, gp, gt, values);
+  }
   // Ordinary pairs get the same bits either way: the whole block is simply done again.
   if (needs_scale) {
+    if (values) map_block_generic(loss.scaled(), count, p, t, box::kLoss, box::kNoWeight, w, values);
     backward_block_generic(loss.scaled(), count, g, plan.grad_is_scalar, plan.g_scalar, plan.scale, p, t,
                            plan.weight_kind, w, gp, gt, gw);
   }
@@ -277,7 +291,13 @@ void forward_impl(const Loss& loss, const BoxLossForward& args, int num_threads)
     const A* w = weight ? weight + begin * weight_stride(args.weight_kind) : nullptr;
     A scratch[kBoxesPerBlock];
     A* dst = reduce ? scratch : out + begin;
-    if (args.output == box::kLoss && args.weight_kind == box::kPerCoordinate) {
+    if (grad_plan.grad_pred && args.weight_kind != box::kPerCoordinate) {
+      // The loss and its gradient in one pass over the block.
+      backward_range(loss, grad_plan, pred, target, begin, count, dst);
+      if (args.weight_kind == box::kPerBox) {
+        for (int64_t j = 0; j < count; ++j) dst[j] *= w[j];
+      }
+    } else if (args.output == box::kLoss && args.weight_kind == box::kPerCoordinate) {
       // mmdet-style inputs, not the hot path: box by box, the scaling step always on.
       map_block_generic(loss.scaled(), count, p, t, args.output, args.weight_kind, w, dst);
     } else {
@@ -291,7 +311,9 @@ void forward_impl(const Loss& loss, const BoxLossForward& args, int num_threads)
       }
     }
     if (reduce) partial[b] = sum_block(scratch, count);
-    if (grad_plan.grad_pred) backward_range(loss, grad_plan, pred, target, begin, count);
+    if (grad_plan.grad_pred && args.weight_kind == box::kPerCoordinate) {
+      backward_range(loss, grad_plan, pred, target, begin, count);
+    }
   });
   if (reduce) {
     double total = 0.0;
