@@ -43,7 +43,9 @@ def box_rows() -> list[str]:
     rows = []
     for mode in ["giou", "diou", "ciou", "iou"]:
         options = dict(mode=mode, box_format="xyxy", l1_weight=1.0, iou_weight=1.0, eps=1e-7)
-        fwd = C.BoxLossForward(options=options, output="loss", out=out, **common)
+        fwd = C.BoxLossForward(options=options, output="loss", out=out, grad_pred=None, grad_target=None, **common)
+        fused = C.BoxLossForward(options=options, output="loss", out=out, grad_pred=grad_pred, grad_target=None,
+                                 **common)  # fmt: skip
         bwd = C.BoxLossBackward(options=options, grad_out=grad, grad_pred=grad_pred, grad_target=None,
                                 grad_weight=None, **common)  # fmt: skip
         bwd2 = C.BoxLossBackward(options=options, grad_out=grad, grad_pred=grad_pred, grad_target=grad_target,
@@ -51,6 +53,7 @@ def box_rows() -> list[str]:
         rows.append(f"box {mode}: forward {best_ns(lambda: C.box_loss_forward_cpu(fwd, threads=1), BOXES):.2f}"
                     f" backward {best_ns(lambda: C.box_loss_backward_cpu(bwd, threads=1), BOXES):.2f}"
                     f" backward+target {best_ns(lambda: C.box_loss_backward_cpu(bwd2, threads=1), BOXES):.2f}"
+                    f" forward+gradient {best_ns(lambda: C.box_loss_forward_cpu(fused, threads=1), BOXES):.2f}"
                     " ns/box")  # fmt: skip
     return rows
 

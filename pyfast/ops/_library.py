@@ -324,6 +324,15 @@ def register_autograd(op: torch._ops.OpOverload, backward: Callable, *, setup_co
     LIB.impl(name, autograd_kernel, "Autograd", with_keyset=True)
 
 
+def autograd_below_autograd():
+    """A context in which autograd records again, for a reference kernel that differentiates its
+    twin (torch.autograd.grad) while running below the Autograd key: an op whose outputs include
+    gradients (box_loss_forward_with_grad) reaches its kernel from its own Autograd kernel, which
+    excludes the Autograd keys for the call. Elsewhere it changes nothing."""
+    exclude = _tls_exclude().remove(_KEY.AutogradFunctionality)
+    return torch._C._ForceDispatchKeyGuard(_tls_include(), exclude)
+
+
 class _NoSecondDerivative(torch.autograd.Function):
     """Ties a fused backward kernel's results to its inputs; differentiating them raises."""
 

@@ -7,12 +7,22 @@ name, the reference twin as the fallback, a fake, and autograd on the op itself:
     pyfast::box_loss_forward(pred, target, weight, <options>, reduction, avg_factor) -> loss
     pyfast::box_loss_backward(grad, pred, target, weight, target_grad, weight_grad, <options>,
                               reduction, avg_factor) -> [grad_pred, grad_target?, grad_weight?]
+    pyfast::box_loss_forward_with_grad(pred, target, weight, target_grad, <options>, reduction, avg_factor)
+        -> (loss, grad_pred, grad_target)
     pyfast::box_iou(pred, target, mode, box_format, eps) -> variant
 
 <options> are the keyword arguments that shape the per-box math (BOX_OPTIONS). They pass through
 the ops by name into pyfast._C's BoxLossOptions, so a new one is a named field there, in
-BOX_OPTIONS, and in box_loss() and the reference twin. The backward recomputes from the saved inputs:
-nothing per box is kept between the passes.
+BOX_OPTIONS, and in box_loss() and the reference twin.
+
+Two ways to a gradient. box_loss_forward's backward recomputes from the saved inputs: nothing per
+box is kept between the passes, and the boxes are read twice. On the CPU, for a reduced loss whose
+pred requires grad, box_loss() calls box_loss_forward_with_grad instead: one pass computes the loss
+and d loss / d pred (and target) with the boxes in cache, and the backward only scales the saved
+gradient by grad_out (returns it as it is for grad_out = 1, loss.backward()'s case). That reads the
+boxes once per step instead of twice, at the cost of holding the gradient from the forward to the
+backward (the size of pred). It stays off CUDA, where the backward pass is no bottleneck and
+checking grad_out == 1 would cost a host sync.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from pyfast.ops._checks import (
     divide_by_avg_factor,
     reduction_args,
 )
-from pyfast.ops._library import caller, define, first_order_only, register_autograd
+from pyfast.ops._library import autograd_below_autograd, caller, define, first_order_only, register_autograd
 
 MODES = reference.BOX_MODES
 FORMATS = reference.BOX_FORMATS
@@ -103,7 +113,7 @@ def _forward_native(pred, target, weight, *, reduction, avg_factor, **options):
     _native.launch(
         "box_loss_forward", pred.device, options=options, n=n, dtype=_native.DTYPES[pred.dtype], pred=pred,
         target=target, weight_kind=_weight_kind(weight), weight=weight, output="loss", reduction=reduction,
-        avg_factor=avg_factor or 0.0, out=out,
+        avg_factor=avg_factor or 0.0, out=out, grad_pred=None, grad_target=None,
     )  # fmt: skip
     return out
 
@@ -209,6 +219,92 @@ register_autograd(box_loss_forward, _backward_loss, setup_context=_setup_loss)
 _call_forward = caller(box_loss_forward)
 
 
+# ---- pyfast::box_loss_forward_with_grad ----
+
+
+def _check_reduced(reduction):
+    if reduction == "none":
+        raise ValueError('box_loss_forward_with_grad takes reduction="sum" or "mean", got "none"')
+
+
+def _no_target_grad(pred):
+    return pred.new_empty((0, 4))  # the third output when target_grad is false
+
+
+def _with_grad_native(pred, target, weight, *, target_grad, reduction, avg_factor, **options):
+    _check_reduced(reduction)
+    if pred.device.type != "cpu":  # one kernel computes both on the CPU only; elsewhere, two
+        loss = _forward_native(pred, target, weight, reduction=reduction, avg_factor=avg_factor, **options)
+        grads = _backward_native(loss.new_ones(()), pred, target, weight, target_grad=target_grad, weight_grad=False,
+                                 reduction=reduction, avg_factor=avg_factor, **options)  # fmt: skip
+        return loss, grads[0], grads[1] if target_grad else _no_target_grad(pred)
+    pred, target, weight = _kernel_inputs(pred, target, weight)
+    n = pred.shape[0]
+    out = pred.new_empty((), dtype=acc_dtype(pred.dtype))
+    grad_pred = torch.empty_like(pred)
+    grad_target = torch.empty_like(target) if target_grad else _no_target_grad(pred)
+    _native.launch(
+        "box_loss_forward", pred.device, options=options, n=n, dtype=_native.DTYPES[pred.dtype], pred=pred,
+        target=target, weight_kind=_weight_kind(weight), weight=weight, output="loss", reduction=reduction,
+        avg_factor=avg_factor or 0.0, out=out, grad_pred=grad_pred, grad_target=grad_target if target_grad else None,
+    )  # fmt: skip
+    return out, grad_pred, grad_target
+
+
+def _with_grad_reference(pred, target, weight, *, target_grad, reduction, avg_factor, **options):
+    _check_reduced(reduction)
+    loss = _forward_reference(pred, target, weight, reduction=reduction, avg_factor=avg_factor, **options)
+    with autograd_below_autograd():
+        grads = _backward_reference(loss.new_ones(()), pred, target, weight, target_grad=target_grad,
+                                    weight_grad=False, reduction=reduction, avg_factor=avg_factor, **options)  # fmt: skip
+    return loss, grads[0], grads[1] if target_grad else _no_target_grad(pred)
+
+
+def _with_grad_fake(pred, target, weight, *, target_grad, reduction, avg_factor, **options):
+    _check_reduced(reduction)
+    _check_boxes(pred, target, weight)
+    grad_target = torch.empty_like(target) if target_grad else _no_target_grad(pred)
+    return pred.new_empty((), dtype=acc_dtype(pred.dtype)), torch.empty_like(pred), grad_target
+
+
+box_loss_forward_with_grad = define(
+    f"box_loss_forward_with_grad(Tensor pred, Tensor target, Tensor? weight, bool target_grad, {BOX_OPTIONS}, "
+    f"{REDUCTION}) -> (Tensor, Tensor, Tensor)",
+    native=_with_grad_native, reference=_with_grad_reference, fake=_with_grad_fake,
+)  # fmt: skip
+
+
+def _setup_with_grad(ctx, inputs, output):
+    _, grad_pred, grad_target = output
+    ctx.mark_non_differentiable(grad_pred, grad_target)
+    # The backward gets no gradient for those two outputs: None, not tensors of zeros to fill.
+    ctx.set_materialize_grads(False)
+    # Saved, not kept as attributes: autograd releases saved tensors after the backward (unless
+    # retain_graph), so the gradient it returns can become pred.grad without a copy.
+    ctx.save_for_backward(grad_pred, grad_target, inputs["pred"], inputs["target"], inputs["weight"])
+    ctx.target_grad = inputs["target_grad"]
+
+
+def _backward_with_grad(ctx, grad, _grad_pred, _grad_target):
+    grad_pred, grad_target, pred, target, weight = ctx.saved_tensors
+    if grad is None:  # not materialized: the loss itself took no part in what was differentiated
+        return {}
+    # grad_out = 1 (loss.backward() on this loss alone) needs no pass over the gradient. Only a
+    # plain CPU tensor is read: anything else (FakeTensor under torch.compile) is multiplied.
+    if not (type(grad) is torch.Tensor and grad.device.type == "cpu" and grad.item() == 1.0):
+        grad = grad.to(acc_dtype(pred.dtype))
+        grad_pred = (grad_pred * grad).to(pred.dtype)
+        if ctx.target_grad:
+            grad_target = (grad_target * grad).to(target.dtype)
+    grads = [grad_pred, grad_target] if ctx.target_grad else [grad_pred]
+    grads = first_order_only("box_loss", grads, grad, pred, target, weight)
+    return {"pred": grads[0], "target": grads[1] if ctx.target_grad else None}
+
+
+register_autograd(box_loss_forward_with_grad, _backward_with_grad, setup_context=_setup_with_grad)
+_call_forward_with_grad = caller(box_loss_forward_with_grad)
+
+
 # ---- pyfast::box_iou ----
 
 
@@ -219,6 +315,7 @@ def _iou_native(pred, target, *, mode, box_format, eps):
         "box_loss_forward", pred.device, options=dict(mode=mode, box_format=box_format, l1_weight=0.0,
         iou_weight=0.0, eps=eps), n=pred.shape[0], dtype=_native.DTYPES[pred.dtype], pred=pred, target=target,
         weight_kind="none", weight=None, output="variant", reduction="none", avg_factor=0.0, out=out,
+        grad_pred=None, grad_target=None,
     )  # fmt: skip
     return out
 
@@ -301,13 +398,27 @@ def box_loss(
         if weight.is_floating_point():
             weight = weight.to(acc_dtype(pred.dtype))
     reduction, avg_factor, divisor = reduction_args(reduction, avg_factor)
-    loss = _call_forward(
-        pred=pred, target=target, weight=weight, mode=check_choice("mode", mode, MODES),
-        box_format=check_choice("box_format", box_format, FORMATS), l1_weight=check_number("l1_weight", l1_weight),
-        iou_weight=check_number("iou_weight", iou_weight), eps=check_number("eps", eps, minimum=0.0),
-        reduction=reduction, avg_factor=avg_factor,
+    options = dict(
+        mode=check_choice("mode", mode, MODES), box_format=check_choice("box_format", box_format, FORMATS),
+        l1_weight=check_number("l1_weight", l1_weight), iou_weight=check_number("iou_weight", iou_weight),
+        eps=check_number("eps", eps, minimum=0.0), reduction=reduction, avg_factor=avg_factor,
     )  # fmt: skip
+    if _gradient_in_forward(pred, weight, reduction):
+        loss = _call_forward_with_grad(pred=pred, target=target, weight=weight, target_grad=target.requires_grad,
+                                       **options)[0]  # fmt: skip
+    else:
+        loss = _call_forward(pred=pred, target=target, weight=weight, **options)
     return loss if divisor is None else divide_by_avg_factor(loss, divisor)
+
+
+def _gradient_in_forward(pred, weight, reduction) -> bool:
+    """Whether box_loss takes box_loss_forward_with_grad (module docstring): a reduced loss on the
+    CPU that will be differentiated with respect to pred, and not with respect to a weight, with the
+    native kernels (the reference twin gains nothing from it)."""
+    return (
+        reduction != "none" and pred.requires_grad and torch.is_grad_enabled() and pred.device.type == "cpu"
+        and (weight is None or not weight.requires_grad) and _native.use_native("cpu")
+    )  # fmt: skip
 
 
 def box_iou(

@@ -444,6 +444,130 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.pyfast.box_iou.default, (pred.clone().requires_grad_(), target), iou_kw)
 
 
+def _two_pass(pred, target, weight, **kw):
+    """The loss through box_loss_forward, whose backward recomputes from the inputs."""
+    return torch.ops.pyfast.box_loss_forward(pred, target, weight, **kw)
+
+
+def _grads_of(loss_fn, pred, target, weight, target_grad, scale):
+    p, t = pred.clone().requires_grad_(), target.clone().requires_grad_(target_grad)
+    loss = loss_fn(p, t, weight)
+    (loss * scale if scale != 1.0 else loss).backward()
+    return loss.detach(), p.grad, t.grad
+
+
+@pytest.mark.parametrize("weight_kind", ["none", "per_box", "per_coordinate"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("box_format", list(FORMATS))
+@pytest.mark.parametrize("mode", list(MODES))
+def test_gradient_in_forward_matches_the_two_passes(mode, box_format, dtype, weight_kind):
+    """On the CPU a reduced loss whose pred requires grad computes its gradient in the forward pass:
+    the same bits as the backward kernel for loss.backward(), and a scaled copy for other grad_out.
+    The pairs include the nasty ones and coordinates that need the scaling step."""
+    names, nasty_pred, nasty_target = nasty_boxes()
+    big_pred, big_target = _scaled_pairs(2.0**30 if dtype == torch.float64 else 2.0**24)
+    pred, target = _inputs(3000, box_format, dtype=torch.float64, seed=15)
+    if dtype == torch.float64:
+        pred, target = torch.cat([pred, nasty_pred, big_pred]), torch.cat([target, nasty_target, big_target])
+    else:
+        pred, target = torch.cat([pred, nasty_pred]), torch.cat([target, nasty_target])
+    pred, target = pred.to(dtype), target.to(dtype)
+    n = pred.shape[0]
+    weight = {"none": None, "per_box": torch.rand(n, dtype=torch.float64),
+              "per_coordinate": torch.rand(n, 4, dtype=torch.float64)}[weight_kind]  # fmt: skip
+    if weight is not None:
+        weight = weight.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    kw = dict(OPTIONS, mode=mode, box_format=box_format)
+    for reduction, avg_factor in (("mean", None), ("sum", None), ("mean", 77.0)):
+        fused = lambda p, t, w: pyfast.box_loss(p, t, weight=w, reduction=reduction, avg_factor=avg_factor, **kw)
+        two_pass = lambda p, t, w: _two_pass(p, t, w, reduction=reduction, avg_factor=avg_factor, **kw)
+        for target_grad in (False, True):
+            p = pred.clone().requires_grad_()
+            assert type(fused(p, target, weight).grad_fn).__name__ == "BoxLossForwardWithGradBackward"
+            ours = _grads_of(fused, pred, target, weight, target_grad, 1.0)
+            theirs = _grads_of(two_pass, pred, target, weight, target_grad, 1.0)
+            for a, b in zip(ours, theirs):
+                assert (a is None and b is None) or torch.equal(a, b)
+            # Any other grad_out scales the saved gradient: equal to the backward up to rounding.
+            ours = _grads_of(fused, pred, target, weight, target_grad, 0.375)
+            theirs = _grads_of(two_pass, pred, target, weight, target_grad, 0.375)
+            for a, b in zip(ours[1:], theirs[1:]):
+                if a is not None:  # terms that cancel to ~0 differ by rounding at the gradient's scale
+                    tol = 4e-3 if dtype == torch.float16 else 1e-6
+                    torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+
+
+def test_gradient_in_forward_only_where_it_pays():
+    pred, target = _inputs(40, "xyxy", dtype=torch.float32, seed=16)
+    p = pred.clone().requires_grad_()
+    name = lambda loss: type(loss.grad_fn).__name__
+    assert name(pyfast.box_loss(p, target)) == "BoxLossForwardWithGradBackward"
+    assert name(pyfast.box_loss(p, target, reduction="none")) == "BoxLossForwardBackward"
+    assert name(pyfast.box_loss(p, target, weight=torch.rand(40, requires_grad=True))) == "BoxLossForwardBackward"
+    assert name(pyfast.box_loss(pred, target.clone().requires_grad_())) == "BoxLossForwardBackward"
+    with torch.no_grad():
+        assert pyfast.box_loss(p, target).grad_fn is None
+    with pyfast_env(backend="reference"):
+        assert name(pyfast.box_loss(p, target)) == "BoxLossForwardBackward"
+
+
+def test_gradient_in_forward_edge_cases():
+    pred, target = _inputs(50, "xyxy", dtype=torch.float32, seed=17)
+    # retain_graph: a second backward gets the same gradient (the first one did not consume it).
+    p = pred.clone().requires_grad_()
+    loss = pyfast.box_loss(p, target)
+    loss.backward(retain_graph=True)
+    first = p.grad.clone()
+    loss.backward()
+    assert torch.equal(p.grad, 2 * first)
+    # An empty batch: zero loss, an empty gradient.
+    p = pred[:0].clone().requires_grad_()
+    loss = pyfast.box_loss(p, target[:0], reduction="sum")
+    loss.backward()
+    assert loss.item() == 0.0 and p.grad.shape == (0, 4)
+    # A NaN coordinate: a NaN loss and NaN gradients for its box, never zeros.
+    bad = pred.clone()
+    bad[3, 1] = math.nan
+    p = bad.requires_grad_()
+    loss = pyfast.box_loss(p, target)
+    loss.backward()
+    assert math.isnan(loss.item()) and torch.isnan(p.grad[3]).all() and torch.isfinite(p.grad[4:]).all()
+    # The op itself refuses what it cannot compute, naming the argument.
+    with pytest.raises(ValueError, match="reduction"):
+        torch.ops.pyfast.box_loss_forward_with_grad(pred, target, None, False, reduction="none", avg_factor=None,
+                                                    **OPTIONS)  # fmt: skip
+
+
+def test_gradient_in_forward_reference_kernel():
+    """The op's reference twin (devices without native kernels) differentiates the reference below
+    the op's own Autograd kernel."""
+    pred, target = _inputs(30, "xyxy", dtype=torch.float64, seed=18)
+    results = []
+    for backend in ("reference", "auto"):
+        with pyfast_env(backend=backend):
+            p, t = pred.clone().requires_grad_(), target.clone().requires_grad_()
+            loss, grad_pred, grad_target = torch.ops.pyfast.box_loss_forward_with_grad(
+                p, t, None, True, reduction="mean", avg_factor=None, **OPTIONS)  # fmt: skip
+            (2.0 * loss).backward()
+            results.append((loss.detach(), grad_pred, grad_target, p.grad, t.grad))
+    for ref, native in zip(*results):
+        torch.testing.assert_close(ref, native, rtol=1e-9, atol=1e-12)
+    assert torch.equal(results[1][3], 2.0 * results[1][1])
+
+
+def test_gradient_in_forward_opcheck():
+    pred, target = _inputs(33, "xyxy", dtype=torch.float32, seed=19)
+    op = torch.ops.pyfast.box_loss_forward_with_grad.default
+    for weight, target_grad, kw in (
+        (None, False, dict(OPTIONS, reduction="mean", avg_factor=None)),
+        (torch.rand(33), True, dict(OPTIONS, mode="ciou", box_format="cxcywh", reduction="sum", avg_factor=None)),
+        (torch.rand(33, 4), True, dict(OPTIONS, mode="diou", reduction="mean", avg_factor=5.0)),
+    ):  # fmt: skip
+        torch.library.opcheck(op, (pred, target, weight, target_grad), kw)
+        grad_args = (pred.clone().requires_grad_(), target.clone().requires_grad_(target_grad), weight, target_grad)
+        torch.library.opcheck(op, grad_args, kw)
+
+
 def test_torch_compile_fullgraph(device):
     pred, target = _inputs(128, "xyxy", dtype=torch.float32, seed=13, device=device)
     weight = torch.rand(128, 4, device=device)

@@ -70,7 +70,8 @@ def test_argument_structs_take_every_field_by_name_only():
         _C.BoxLossOptions(**{**BOX_OPTIONS, "l1_weight": "1"})
     x = torch.zeros(2, 4)
     fields = dict(options=options, n=2, dtype="float32", pred=x, target=x, weight_kind="none", weight=None,
-                  output="loss", reduction="sum", avg_factor=0.0, out=torch.zeros(()))  # fmt: skip
+                  output="loss", reduction="sum", avg_factor=0.0, out=torch.zeros(()), grad_pred=None,
+                  grad_target=None)  # fmt: skip
     args = _C.BoxLossForward(**fields)
     assert args.pred == x.data_ptr() and args.weight == 0 and args.options.mode == _C.BoxMode.giou
     with pytest.raises(TypeError, match="BoxLossForward.n cannot take a bool"):
@@ -81,6 +82,10 @@ def test_argument_structs_take_every_field_by_name_only():
     with pytest.raises(TypeError):
         _C.box_loss_forward_cpu(args, 1)
     _C.box_loss_forward_cpu(args, threads=1)
+    # Gradients from the forward exist for a reduced loss only; the kernel refuses the rest.
+    unreduced = _C.BoxLossForward(**{**fields, "reduction": "none", "out": torch.zeros(2), "grad_pred": x.clone()})
+    with pytest.raises(ValueError, match="gradients only for a reduced loss"):
+        _C.box_loss_forward_cpu(unreduced, threads=1)
     with pytest.raises(TypeError):
         _C.box_loss_forward_cpu(_C.MaskIoU(n=0, m=0, dtype="float32", target_dtype="uint8", logits=None,
                                            targets=None, threshold=0.0, iou=None), threads=1)  # fmt: skip
@@ -92,7 +97,7 @@ def test_launch_runs_the_named_kernel():
     out = torch.empty(1)
     _native.launch("box_loss_forward", pred.device, options=dict(BOX_OPTIONS, mode="iou"), n=1, dtype="float32",
                    pred=pred, target=target, weight_kind="none", weight=None, output="variant", reduction="none",
-                   avg_factor=0.0, out=out)  # fmt: skip
+                   avg_factor=0.0, out=out, grad_pred=None, grad_target=None)  # fmt: skip
     assert out.item() == pytest.approx(1 / 7, rel=1e-6)
 
 
