@@ -187,8 +187,8 @@ def pack(
 
     out: a Packed from an earlier pack, or a contiguous 1-D tensor of `dtype` on the tensors'
     device, holding exactly as many elements as `tensors`: the values are written into it instead
-    of a new buffer (a fresh buffer's first-touch page faults cost more than the cast itself on
-    the CPU). A Packed `out` is updated to describe the new tensors and returned; a tensor `out`
+    of a new buffer (without it, a large CPU buffer reuses the pages of a released one:
+    pyfast/ops/_buffers.py). A Packed `out` is updated to describe the new tensors and returned; a tensor `out`
     becomes the returned Packed's buffer. Its contents are overwritten even when a policy raises.
     """
     names, values = _named(tensors)

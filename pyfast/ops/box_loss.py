@@ -31,7 +31,7 @@ import torch
 
 from pyfast import _native
 from pyfast._native import FLOAT_DTYPES
-from pyfast.ops import reference
+from pyfast.ops import _buffers, reference
 from pyfast.ops._checks import (
     acc_dtype,
     check_choice,
@@ -149,7 +149,7 @@ def _backward_native(grad, pred, target, weight, *, target_grad, weight_grad, re
     n = pred.shape[0]
     _check_grad(grad, n, reduction)
     grad = grad.to(device=pred.device, dtype=acc_dtype(pred.dtype)).contiguous()
-    grads = _wanted_grads(pred, target, weight, target_grad, weight_grad)
+    grads = _wanted_grads(pred, target, weight, target_grad, weight_grad, _buffers.empty_like)
     _native.launch(
         "box_loss_backward", pred.device, options=options, n=n, dtype=_native.DTYPES[pred.dtype], pred=pred,
         target=target, weight_kind=_weight_kind(weight), weight=weight, reduction=reduction,
@@ -159,12 +159,13 @@ def _backward_native(grad, pred, target, weight, *, target_grad, weight_grad, re
     return grads
 
 
-def _wanted_grads(pred, target, weight, target_grad, weight_grad) -> list[torch.Tensor]:
+def _wanted_grads(pred, target, weight, target_grad, weight_grad, empty_like=torch.empty_like) -> list[torch.Tensor]:
     """The backward's outputs, uninitialized: grad_pred, then grad_target and grad_weight where asked
-    for (grad_weight only with a weight, in the accumulation dtype as the weight is)."""
-    grads = [torch.empty_like(pred)]
+    for (grad_weight only with a weight, in the accumulation dtype as the weight is). The kernel's
+    come from _buffers.empty_like; the fake's, from torch.empty_like."""
+    grads = [empty_like(pred)]
     if target_grad:
-        grads.append(torch.empty_like(target))
+        grads.append(empty_like(target))
     if weight_grad and weight is not None:
         grads.append(weight.new_empty(weight.shape, dtype=acc_dtype(pred.dtype)))
     return grads
@@ -241,8 +242,8 @@ def _with_grad_native(pred, target, weight, *, target_grad, reduction, avg_facto
     pred, target, weight = _kernel_inputs(pred, target, weight)
     n = pred.shape[0]
     out = pred.new_empty((), dtype=acc_dtype(pred.dtype))
-    grad_pred = torch.empty_like(pred)
-    grad_target = torch.empty_like(target) if target_grad else _no_target_grad(pred)
+    grad_pred = _buffers.empty_like(pred)
+    grad_target = _buffers.empty_like(target) if target_grad else _no_target_grad(pred)
     _native.launch(
         "box_loss_forward", pred.device, options=options, n=n, dtype=_native.DTYPES[pred.dtype], pred=pred,
         target=target, weight_kind=_weight_kind(weight), weight=weight, output="loss", reduction=reduction,

@@ -6,7 +6,8 @@ int64 (non-finite values, overflowing values per tensor) and absmax `(n,)` float
 the finite values). Both statistics stay on the tensors' device: reading them is the caller's
 choice (and, on CUDA, its one host sync). With `out=` (a 1-D tensor of `dtype` on the tensors'
 device holding exactly their elements) the values are written into it and `out` is the returned
-buffer: no allocation, so none of a fresh buffer's first-touch page faults either.
+buffer: no allocation, so none of a fresh buffer's first-touch page faults either. Without it, a
+large CPU buffer comes from pyfast/ops/_buffers.py, which reuses the pages of released ones.
 
 Non-contiguous inputs are first copied to a contiguous tensor in their own dtype. That costs one
 extra pass for them only; backbone outputs, the common input, are contiguous, and a strided kernel
@@ -20,7 +21,7 @@ from typing import Sequence
 import torch
 
 from pyfast import _native
-from pyfast.ops import reference
+from pyfast.ops import _buffers, reference
 from pyfast.ops._checks import check_float_tensor
 from pyfast.ops._library import define
 
@@ -69,7 +70,11 @@ def check_pack_out(out, tensors: Sequence[torch.Tensor], dtype) -> None:
 
 def _pack_native(tensors, *, dtype, saturate):
     check_pack_inputs(tensors, dtype)
-    buffer = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=tensors[0].device)
+    numel, device = sum(t.numel() for t in tensors), tensors[0].device
+    if device.type == "cpu":
+        buffer = _buffers.empty(numel, dtype)  # large: pages of an earlier, released buffer
+    else:
+        buffer = torch.empty(numel, dtype=dtype, device=device)
     return (buffer, *_launch(tensors, dtype, saturate, buffer))
 
 
