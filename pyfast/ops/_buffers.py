@@ -3,8 +3,8 @@
 A fresh allocation of several MB is mapped anew by the C library, and the kernel zero-fills every
 page on its first touch: for a 32 MB pack output that costs about as much as the cast itself (2-3
 ms here, measured against the same cast into an existing buffer), and it recurs on every call,
-because the C library maps requests of that size afresh each time. The ops' outputs above
-`MIN_BYTES` come from here instead: a byte array from this pool, wrapped without a copy
+because the C library maps requests of that size afresh each time. The ops' outputs of
+`MIN_BYTES` and more come from here instead: a byte array from this pool, wrapped without a copy
 (`torch.from_numpy`). torch's storage keeps a reference to the array while any tensor or view of
 it lives, so an array that only the pool still refers to is free, and the next request that fits
 takes it, its pages already in place. The pool holds at most `MAX_BYTES` (least recently handed
@@ -19,7 +19,7 @@ import threading
 import numpy as np
 import torch
 
-MIN_BYTES = 1 << 20
+MIN_BYTES = 4 << 20  # below, the C library's own reuse of freed memory does as well
 MAX_BYTES = 512 << 20
 _arrays: list[np.ndarray] = []  # least recently handed out first
 _lock = threading.Lock()
@@ -27,7 +27,7 @@ _lock = threading.Lock()
 
 def empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized 1-D CPU tensor of `numel` elements of `dtype`, from the pool when large."""
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     if nbytes < MIN_BYTES:
         return torch.empty(numel, dtype=dtype)
     with _lock:
@@ -37,8 +37,8 @@ def empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 def empty_like(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous torch.empty_like(tensor), from the pool when large and on the CPU."""
-    if tensor.device.type != "cpu":
-        return torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+    if tensor.device.type != "cpu" or tensor.numel() * tensor.dtype.itemsize < MIN_BYTES:
+        return torch.empty_like(tensor, memory_format=torch.contiguous_format)
     return empty(tensor.numel(), tensor.dtype).view(tensor.shape)
 
 
