@@ -90,6 +90,18 @@ PYFAST_AVX2_INLINE Parts sigmoid_parts(V x) {
   return {e, _mm256_blendv_ps(er, r, pos), _mm256_blendv_ps(r, er, pos)};
 }
 
+// The sigmoid cache: exp(-|x|) carrying x's sign, written by the forward for the backward, which
+// then needs no exp of its own (the longest chain of an element's math). The parts rebuilt from it
+// are those sigmoid_parts computes from x, bit for bit (x = -0: both halves are 0.5 either way).
+PYFAST_AVX2_INLINE V signed_e(V e, V x) { return _mm256_or_ps(e, _mm256_and_ps(x, set1(-0.0f))); }
+
+PYFAST_AVX2_INLINE Parts parts_from_cache(V s) {
+  const V e = _mm256_andnot_ps(set1(-0.0f), s);
+  const V r = reciprocal(_mm256_add_ps(e, set1(1.0f)));
+  const V er = _mm256_mul_ps(e, r);
+  return {e, _mm256_blendv_ps(r, er, s), _mm256_blendv_ps(er, r, s)};  // blendv: by the sign bit
+}
+
 // Targets as floats: a binary byte is 1 when non-zero.
 PYFAST_AVX2_INLINE V load_targets(const uint8_t* t) {
   const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(t)));
@@ -119,8 +131,9 @@ struct ForwardAcc {
 
 template <bool kMasked> PYFAST_AVX2_INLINE V kept(V v, V keep) { return kMasked ? _mm256_and_ps(v, keep) : v; }
 
-// Adds one step's contributions; kMasked: only the lanes set in `keep` (a piece's tail).
-template <bool kFloatTargets, bool kMasked> PYFAST_AVX2_INLINE void forward_step(V x, V t, V keep, ForwardAcc& acc) {
+// Adds one step's contributions; kMasked: only the lanes set in `keep` (a piece's tail). Returns
+// the step's sigmoid cache values.
+template <bool kFloatTargets, bool kMasked> PYFAST_AVX2_INLINE V forward_step(V x, V t, V keep, ForwardAcc& acc) {
   const Parts s = sigmoid_parts(x);
   // ce = max(x, 0) - x t + log1p(e); max's second operand is returned for NaN, so NaN stays.
   const V ce = _mm256_add_ps(_mm256_fnmadd_ps(x, t, _mm256_max_ps(_mm256_setzero_ps(), x)), log1p_unit(s.e));
@@ -132,6 +145,7 @@ template <bool kFloatTargets, bool kMasked> PYFAST_AVX2_INLINE void forward_step
     const V bad = _mm256_or_ps(_mm256_cmp_ps(t, _mm256_setzero_ps(), _CMP_LT_OQ), _mm256_cmp_ps(t, set1(1.0f), _CMP_GT_OQ));
     acc.bad = _mm256_add_ps(acc.bad, kept<kMasked>(_mm256_and_ps(bad, set1(1.0f)), keep));
   }
+  return signed_e(s.e, x);
 }
 
 PYFAST_AVX2_INLINE double lane_sum(V v) {
@@ -142,27 +156,42 @@ PYFAST_AVX2_INLINE double lane_sum(V v) {
   return s;
 }
 
-// The forward sums (kNumSums doubles, the focal sum 0) of count elements.
-template <class TT> PYFAST_AVX2_FN void forward_sums(const float* x, const TT* t, int64_t count, double* out) {
+// The eight elements at offset j into acc, their cache values stored where asked for.
+template <bool kCache, class TT>
+PYFAST_AVX2_INLINE void forward_at(const float* x, const TT* t, float* cache, int64_t j, ForwardAcc& acc) {
+  constexpr bool kFloatTargets = std::is_same<TT, float>::value;
+  const V s = forward_step<kFloatTargets, false>(_mm256_loadu_ps(x + j), load_targets(t + j), V{}, acc);
+  if (kCache) _mm256_storeu_ps(cache + j, s);
+}
+
+// The forward sums (kNumSums doubles, the focal sum 0) of count elements; kCache: also each
+// element's sigmoid cache value into cache[0, count).
+template <bool kCache, class TT>
+PYFAST_AVX2_FN void forward_sums(const float* x, const TT* t, int64_t count, double* out, float* cache) {
   constexpr bool kFloatTargets = std::is_same<TT, float>::value;
   const V zero = _mm256_setzero_ps();
   ForwardAcc a0{zero, zero, zero, zero, zero}, a1 = a0;  // two chains: the adds' latency overlaps
   int64_t i = 0;
   for (; i + 32 <= count; i += 32) {
-    forward_step<kFloatTargets, false>(_mm256_loadu_ps(x + i), load_targets(t + i), zero, a0);
-    forward_step<kFloatTargets, false>(_mm256_loadu_ps(x + i + 8), load_targets(t + i + 8), zero, a1);
-    forward_step<kFloatTargets, false>(_mm256_loadu_ps(x + i + 16), load_targets(t + i + 16), zero, a0);
-    forward_step<kFloatTargets, false>(_mm256_loadu_ps(x + i + 24), load_targets(t + i + 24), zero, a1);
+    forward_at<kCache>(x, t, cache, i, a0);
+    forward_at<kCache>(x, t, cache, i + 8, a1);
+    forward_at<kCache>(x, t, cache, i + 16, a0);
+    forward_at<kCache>(x, t, cache, i + 24, a1);
   }
   for (; i + 16 <= count; i += 16) {
-    forward_step<kFloatTargets, false>(_mm256_loadu_ps(x + i), load_targets(t + i), zero, a0);
-    forward_step<kFloatTargets, false>(_mm256_loadu_ps(x + i + 8), load_targets(t + i + 8), zero, a1);
+    forward_at<kCache>(x, t, cache, i, a0);
+    forward_at<kCache>(x, t, cache, i + 8, a1);
   }
   for (; i < count; i += 8) {
     V xv, tv;
     const int64_t left = count - i < 8 ? count - i : 8;
     load_tail(x + i, t + i, left, xv, tv);
-    forward_step<kFloatTargets, true>(xv, tv, lanes_below(left), a0);
+    const V s = forward_step<kFloatTargets, true>(xv, tv, lanes_below(left), a0);
+    if (kCache) {
+      alignas(32) float values[8];
+      _mm256_store_ps(values, s);
+      std::memcpy(cache + i, values, left * sizeof(float));
+    }
   }
   out[kSumCE] = lane_sum(_mm256_add_ps(a0.ce, a1.ce));
   out[kSumFocal] = 0.0;
@@ -173,31 +202,38 @@ template <class TT> PYFAST_AVX2_FN void forward_sums(const float* x, const TT* t
 }
 
 // element_grad without the focal term: cb (p - t) + p q (cd1 - cd2 t).
-PYFAST_AVX2_INLINE V grad_step(V x, V t, const RowCoef<float>& c) {
-  const Parts s = sigmoid_parts(x);
+PYFAST_AVX2_INLINE V grad_from_parts(const Parts& s, V t, const RowCoef<float>& c) {
   const V dice = _mm256_mul_ps(_mm256_mul_ps(s.p, s.q), _mm256_fnmadd_ps(set1(c.cd2), t, set1(c.cd1)));
   return _mm256_fmadd_ps(set1(c.cb), _mm256_sub_ps(s.p, t), dice);
 }
 
-template <class TT>
+// The gradient of count elements from their logits x, or (kCache) from the forward's sigmoid
+// cache in x's place.
+template <bool kCache> PYFAST_AVX2_INLINE V grad_step(V x, V t, const RowCoef<float>& c) {
+  return grad_from_parts(kCache ? parts_from_cache(x) : sigmoid_parts(x), t, c);
+}
+
+template <bool kCache, class TT>
 PYFAST_AVX2_FN void grad_range(const RowCoef<float>& c, int64_t count, const float* x, const TT* t, float* grad) {
   int64_t i = 0;
   for (; i + 32 <= count; i += 32) {  // four independent steps: their chains overlap
-    const V g0 = grad_step(_mm256_loadu_ps(x + i), load_targets(t + i), c);
-    const V g1 = grad_step(_mm256_loadu_ps(x + i + 8), load_targets(t + i + 8), c);
-    const V g2 = grad_step(_mm256_loadu_ps(x + i + 16), load_targets(t + i + 16), c);
-    const V g3 = grad_step(_mm256_loadu_ps(x + i + 24), load_targets(t + i + 24), c);
+    const V g0 = grad_step<kCache>(_mm256_loadu_ps(x + i), load_targets(t + i), c);
+    const V g1 = grad_step<kCache>(_mm256_loadu_ps(x + i + 8), load_targets(t + i + 8), c);
+    const V g2 = grad_step<kCache>(_mm256_loadu_ps(x + i + 16), load_targets(t + i + 16), c);
+    const V g3 = grad_step<kCache>(_mm256_loadu_ps(x + i + 24), load_targets(t + i + 24), c);
     _mm256_storeu_ps(grad + i, g0);
     _mm256_storeu_ps(grad + i + 8, g1);
     _mm256_storeu_ps(grad + i + 16, g2);
     _mm256_storeu_ps(grad + i + 24, g3);
   }
-  for (; i + 8 <= count; i += 8) _mm256_storeu_ps(grad + i, grad_step(_mm256_loadu_ps(x + i), load_targets(t + i), c));
+  for (; i + 8 <= count; i += 8) {
+    _mm256_storeu_ps(grad + i, grad_step<kCache>(_mm256_loadu_ps(x + i), load_targets(t + i), c));
+  }
   if (i < count) {
     V xv, tv;
     load_tail(x + i, t + i, count - i, xv, tv);
     alignas(32) float g[8];
-    _mm256_store_ps(g, grad_step(xv, tv, c));
+    _mm256_store_ps(g, grad_step<kCache>(xv, tv, c));
     std::memcpy(grad + i, g, (count - i) * sizeof(float));
   }
 }

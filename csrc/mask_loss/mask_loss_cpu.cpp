@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <stdexcept>
 #include <type_traits>
 #include <vector>
 
@@ -138,7 +139,7 @@ std::vector<double> forward_sums(const MaskLossForward& args, const mask::MaskLo
                 (std::is_same<TT, uint8_t>::value || std::is_same<TT, float>::value)) {
     if (use_avx2<T, TT, FOCAL>()) {
       return row_sums<mask::kNumSums>(args.n, args.m, num_threads, [&](int64_t begin, int64_t end, double* out) {
-        mask::avx2::forward_sums(logits + begin, targets + begin, end - begin, out);
+        mask::avx2::forward_sums<false>(logits + begin, targets + begin, end - begin, out, nullptr);
       });
     }
   }
@@ -151,9 +152,61 @@ std::vector<double> forward_sums(const MaskLossForward& args, const mask::MaskLo
   });
 }
 
+#ifdef PYFAST_MASK_AVX2
+// The forward's sums and, for grad_out = 1, the gradient (mask_loss_cpu_gradient_in_forward's
+// case). Each mask in two passes while its elements stay in cache: the sums, storing each
+// element's sigmoid cache value where its gradient goes; then, with the mask's coefficients known,
+// the gradient from that cache, in place. The sums are those of forward_sums, bit for bit (the
+// same pieces, added in the same order), and the gradient that of backward_impl for grad_out = 1.
+template <class TT>
+std::vector<double> forward_sums_with_grad(const MaskLossForward& args, int num_threads) {
+  const int64_t n = args.n, m = args.m;
+  const float* logits = args.logits.as<const float>();
+  const TT* targets = args.targets.as<const TT>();
+  float* grad = args.grad_logits.as<float>();
+  const mask::RowMath<float> rm = mask::row_math<float>(args.options, m);
+  const float g = float(1.0f) * float(reduction_scale(args.reduction, n, args.avg_factor));
+  const Plan plan = make_plan(n, m);
+  std::vector<double> sums(static_cast<size_t>(n * mask::kNumSums), 0.0);
+  auto row = [&](int64_t r) {
+    double* s = sums.data() + r * mask::kNumSums;
+    const int64_t base = r * m;
+    if (plan.chunks_per_row == 1) {
+      mask::avx2::forward_sums<true>(logits + base, targets + base, m, s, grad + base);
+    } else {  // row_sums' order: each chunk's sums, added to 0 chunk by chunk
+      for (int64_t begin = 0; begin < m; begin += kChunk) {
+        double part[mask::kNumSums];
+        const int64_t count = std::min(kChunk, m - begin);
+        mask::avx2::forward_sums<true>(logits + base + begin, targets + base + begin, count, part, grad + base + begin);
+        for (int k = 0; k < mask::kNumSums; ++k) s[k] += part[k];
+      }
+    }
+    float saved[mask::kNumSums];  // the sums as the forward saves them, which the backward reads
+    for (int k = 0; k < mask::kNumSums; ++k) saved[k] = static_cast<float>(s[k]);
+    const mask::RowCoef<float> c = mask::row_coef(rm, saved, g);
+    mask::avx2::grad_range<true>(c, m, grad + base, targets + base, grad + base);
+  };
+  if (plan.chunks_per_row == 1) {
+    parallel_blocks(plan.num_blocks, num_threads, kMinBlocksPerThread, [&](int64_t b) {
+      const int64_t r_end = std::min(n, (b + 1) * plan.rows_per_block);
+      for (int64_t r = b * plan.rows_per_block; r < r_end; ++r) row(r);
+    });
+  } else {
+    parallel_blocks(n, num_threads, 1, row);
+  }
+  return sums;
+}
+#endif
+
 template <class T, class TT, class Loss, class A = typename Acc<T>::type>
 int64_t forward_impl(const MaskLossForward& args, const Loss& loss, int num_threads) {
-  const std::vector<double> sums = forward_sums<T, TT>(args, loss, num_threads);
+  std::vector<double> sums;
+#ifdef PYFAST_MASK_AVX2
+  if constexpr (std::is_same<T, float>::value && (std::is_same<TT, uint8_t>::value || std::is_same<TT, float>::value)) {
+    if (args.grad_logits) sums = forward_sums_with_grad<TT>(args, num_threads);
+  }
+#endif
+  if (!args.grad_logits) sums = forward_sums<T, TT>(args, loss, num_threads);
   const mask::RowMath<A> rm = mask::row_math<A>(args.options, args.m);
   A* sums_out = args.sums.as<A>();
   A* out = args.out.as<A>();
@@ -203,7 +256,9 @@ void backward_impl(const MaskLossBackward& args, const mask::MaskLoss<FOCAL, A>&
 #ifdef PYFAST_MASK_AVX2
       if constexpr (std::is_same<T, float>::value && FOCAL == mask::kNoFocal &&
                     (std::is_same<TT, uint8_t>::value || std::is_same<TT, float>::value)) {
-        if (avx2) return mask::avx2::grad_range(c, end - begin, logits + begin, targets + begin, grad_logits + begin);
+        if (avx2) {
+          return mask::avx2::grad_range<false>(c, end - begin, logits + begin, targets + begin, grad_logits + begin);
+        }
       }
 #endif
       grad_range(loss, c, end - begin, logits + begin, targets + begin, grad_logits + begin);
@@ -236,7 +291,22 @@ int64_t iou_impl(const MaskIoU& args, int num_threads) {
 
 void mask_loss_cpu_force_generic(bool on) { force_generic.store(on); }
 
+bool mask_loss_cpu_gradient_in_forward(const MaskLossForward& args) {
+  if (focal_mode(args.options) != mask::kNoFocal || args.reduction == Reduction::None ||
+      args.m > kMaxGradientInForward) {
+    return false;
+  }
+  bool supported = false;
+  mask::dispatch_types(args.dtype, args.target_dtype, [&](auto tag, auto target_tag) {
+    supported = use_avx2<decltype(tag), decltype(target_tag), mask::kNoFocal>();
+  });
+  return supported;
+}
+
 int64_t mask_loss_forward_cpu(const MaskLossForward& args, int num_threads) {
+  if (args.grad_logits && !mask_loss_cpu_gradient_in_forward(args)) {
+    throw std::invalid_argument("pyfast: mask_loss_forward cannot write the gradient for these arguments");
+  }
   int64_t bad_masks = 0;
   mask::dispatch_types(args.dtype, args.target_dtype, [&](auto tag, auto target_tag) {
     using T = decltype(tag);

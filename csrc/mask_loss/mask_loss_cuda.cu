@@ -12,6 +12,8 @@
 // reductions. 16-bit logits use the fast element math of mask_loss_fast_math.cuh.
 #include "mask_loss/mask_loss.h"
 
+#include <stdexcept>
+
 #include "common/cuda_utils.cuh"
 #include "mask_loss/mask_loss_fast_math.cuh"
 #include "mask_loss/mask_loss_math.h"
@@ -284,6 +286,7 @@ int64_t mask_iou_cuda_workspace(const MaskIoU& args) {
 }
 
 void mask_loss_forward_cuda(const MaskLossForward& args, const CudaLaunch& launch) {
+  if (args.grad_logits) throw std::invalid_argument("pyfast: mask_loss_forward writes gradients on the CPU only");
   DeviceGuard device(launch.device);
   const cudaStream_t stream = stream_of(launch);
   const bool reduce = args.reduction != Reduction::None;
