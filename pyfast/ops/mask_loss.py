@@ -27,7 +27,7 @@ import math
 import torch
 
 from pyfast import _native
-from pyfast.ops import reference
+from pyfast.ops import _buffers, reference
 from pyfast.ops._checks import (
     acc_dtype,
     check_float_tensor,
@@ -37,13 +37,14 @@ from pyfast.ops._checks import (
     divide_by_avg_factor,
     reduction_args,
 )
-from pyfast.ops._library import caller, define, first_order_only, register_autograd
+from pyfast.ops._library import autograd_below_autograd, caller, define, first_order_only, register_autograd
 
 MASK_OPTIONS = "float bce_weight, float dice_weight, float focal_weight, float alpha, float gamma, float smooth"
 REDUCTION = "str reduction, float? avg_factor"
 NUM_SUMS = len(reference.MASK_SUMS)
 _BAD_TARGETS = reference.MASK_SUMS.index("bad_targets")
 _FLOAT_TARGETS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_MAX_GRADIENT_IN_FORWARD = 1 << 18  # csrc/mask_loss/mask_loss.h: kMaxGradientInForward
 
 
 # ---- checks and conversions shared by the kernels and the fakes ----
@@ -123,7 +124,7 @@ def _forward_native(logits, targets, *, reduction, avg_factor, **options):
     bad_masks = _native.launch(
         "mask_loss_forward", logits.device, options=options, n=n, m=m, dtype=_native.DTYPES[logits.dtype],
         target_dtype=_native.DTYPES[targets.dtype], logits=logits, targets=targets, reduction=reduction,
-        avg_factor=avg_factor or 0.0, sums=sums, out=out,
+        avg_factor=avg_factor or 0.0, sums=sums, out=out, grad_logits=None,
     )  # fmt: skip
     _check_target_range(targets, bad_masks, lambda: sums[:, _BAD_TARGETS])
     return out, sums
@@ -202,12 +203,16 @@ mask_loss_backward = define(
 _call_backward = caller(mask_loss_backward)
 
 
-def _setup_loss(ctx, inputs, output):
-    logits, targets = inputs.pop("logits"), inputs.pop("targets")
+def _setup_targets(targets):
     if targets.requires_grad:
         raise ValueError(
             "targets requires grad, but mask_loss differentiates with respect to logits only; pass targets.detach()"
         )
+
+
+def _setup_loss(ctx, inputs, output):
+    logits, targets = inputs.pop("logits"), inputs.pop("targets")
+    _setup_targets(targets)
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(logits, targets, output[1])
     ctx.options = inputs  # the options, the reduction and avg_factor, by name
@@ -222,6 +227,85 @@ def _backward_loss(ctx, grad, _grad_sums):
 
 register_autograd(mask_loss_forward, _backward_loss, setup_context=_setup_loss)
 _call_forward = caller(mask_loss_forward)
+
+
+# ---- pyfast::mask_loss_forward_with_grad ----
+
+
+def _check_reduced(reduction):
+    if reduction == "none":
+        raise ValueError('mask_loss_forward_with_grad takes reduction="sum" or "mean", got "none"')
+
+
+def _with_grad_native(logits, targets, *, reduction, avg_factor, **options):
+    _check_reduced(reduction)
+    n, m = _check_masks(logits, targets)
+    shape = logits.shape
+    logits, targets = logits.contiguous(), _kernel_targets(targets, logits.dtype)
+    acc = acc_dtype(logits.dtype)
+    out = logits.new_empty((), dtype=acc)
+    sums = logits.new_empty((n, NUM_SUMS), dtype=acc)
+    grad_logits = _buffers.empty_like(logits) if logits.device.type == "cpu" else None
+    fields = dict(
+        options=options, n=n, m=m, dtype=_native.DTYPES[logits.dtype], target_dtype=_native.DTYPES[targets.dtype],
+        logits=logits, targets=targets, reduction=reduction, avg_factor=avg_factor or 0.0, sums=sums, out=out,
+    )  # fmt: skip
+    if logits.device.type == "cpu" and _native.supports(
+        "mask_loss_cpu_gradient_in_forward", "mask_loss_forward", **fields, grad_logits=grad_logits
+    ):
+        bad_masks = _native.launch("mask_loss_forward", logits.device, **fields, grad_logits=grad_logits)
+        _check_target_range(targets, bad_masks, lambda: sums[:, _BAD_TARGETS])
+    else:  # the kernels that do both in one pass are not there for these arguments: two passes
+        out, sums = _forward_native(logits, targets, reduction=reduction, avg_factor=avg_factor, **options)
+        grad_logits = _backward_native(out.new_ones(()), logits, targets, sums, reduction=reduction,
+                                       avg_factor=avg_factor, **options)  # fmt: skip
+    return out, grad_logits.view(shape)
+
+
+def _with_grad_reference(logits, targets, *, reduction, avg_factor, **options):
+    _check_reduced(reduction)
+    loss, sums = _forward_reference(logits, targets, reduction=reduction, avg_factor=avg_factor, **options)
+    with autograd_below_autograd():
+        grad_logits = _backward_reference(loss.new_ones(()), logits, targets, sums, reduction=reduction,
+                                          avg_factor=avg_factor, **options)  # fmt: skip
+    return loss, grad_logits
+
+
+def _with_grad_fake(logits, targets, *, reduction, avg_factor, **options):
+    _check_reduced(reduction)
+    _check_masks(logits, targets)
+    grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    return logits.new_empty((), dtype=acc_dtype(logits.dtype)), grad_logits
+
+
+mask_loss_forward_with_grad = define(
+    f"mask_loss_forward_with_grad(Tensor logits, Tensor targets, {MASK_OPTIONS}, {REDUCTION}) -> (Tensor, Tensor)",
+    native=_with_grad_native, reference=_with_grad_reference, fake=_with_grad_fake,
+)  # fmt: skip
+
+
+def _setup_with_grad(ctx, inputs, output):
+    _setup_targets(inputs["targets"])
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zeros to fill for the gradient output's gradient
+    # Saved, not kept as an attribute: autograd releases it after the backward (unless
+    # retain_graph), so the gradient it returns can become logits.grad without a copy.
+    ctx.save_for_backward(output[1], inputs["logits"])
+
+
+def _backward_with_grad(ctx, grad, _grad_grad):
+    grad_logits, logits = ctx.saved_tensors
+    if grad is None:  # not materialized: the loss took no part in what was differentiated
+        return {}
+    # grad_out = 1 (loss.backward() on this loss alone) needs no pass over the gradient; see
+    # pyfast/ops/box_loss.py's _backward_with_grad.
+    if not (type(grad) is torch.Tensor and grad.device.type == "cpu" and grad.item() == 1.0):
+        grad_logits = (grad_logits * grad.to(acc_dtype(logits.dtype))).to(logits.dtype)
+    return {"logits": first_order_only("mask_loss", grad_logits, grad, logits)}
+
+
+register_autograd(mask_loss_forward_with_grad, _backward_with_grad, setup_context=_setup_with_grad)
+_call_forward_with_grad = caller(mask_loss_forward_with_grad)
 
 
 # ---- pyfast::mask_iou ----
@@ -305,8 +389,24 @@ def mask_loss(
     # Float targets in another dtype are converted once here, not in both the forward and the backward.
     if targets.dtype in _FLOAT_TARGETS:
         targets = _read_as(targets, logits.dtype)
-    loss, _ = _call_forward(logits=logits, targets=targets, **options, reduction=reduction, avg_factor=avg_factor)
+    if _gradient_in_forward(logits, targets, options, reduction):
+        loss, _ = _call_forward_with_grad(logits=logits, targets=targets, **options, reduction=reduction,
+                                          avg_factor=avg_factor)  # fmt: skip
+    else:
+        loss, _ = _call_forward(logits=logits, targets=targets, **options, reduction=reduction, avg_factor=avg_factor)
     return loss if divisor is None else divide_by_avg_factor(loss, divisor)
+
+
+def _gradient_in_forward(logits, targets, options, reduction) -> bool:
+    """Whether mask_loss takes mask_loss_forward_with_grad (module docstring): a reduced loss on the
+    CPU that will be differentiated, with the native kernels, in the case they fuse (float32 logits,
+    binary or float32 targets, no focal term, masks of at most kMaxGradientInForward elements)."""
+    return (
+        reduction != "none" and logits.requires_grad and torch.is_grad_enabled() and logits.device.type == "cpu"
+        and logits.dtype == torch.float32 and targets.dtype in (torch.bool, torch.uint8, torch.float32)
+        and options["focal_weight"] == 0.0
+        and math.prod(logits.shape[1:]) <= _MAX_GRADIENT_IN_FORWARD and _native.use_native("cpu")
+    )  # fmt: skip
 
 
 def mask_iou(logits: torch.Tensor, targets: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:

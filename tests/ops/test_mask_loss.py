@@ -320,7 +320,10 @@ def test_empty_batch(device, reduction):
     assert pyfast.mask_iou(x, torch.zeros(0, 8, 8, device=device)).shape == (0,)
 
 
-def test_only_per_mask_sums_are_saved_for_backward(device):
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_what_is_saved_for_backward(device, reduction):
+    """Two passes keep only per-mask sums between them; the CPU's gradient in the forward (a reduced
+    loss) keeps that gradient instead, the size of the logits, and nothing else."""
     logits, targets = _inputs((16, 64, 64), "bool", dtype=torch.float32, seed=9, device=device)
     x = logits.requires_grad_()
     extra = {}
@@ -331,8 +334,11 @@ def test_only_per_mask_sums_are_saved_for_backward(device):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        pyfast.mask_loss(x, targets)
-    assert sum(extra.values()) == 16 * NUM_SUMS * 4  # O(N), not O(N * H * W)
+        pyfast.mask_loss(x, targets, reduction=reduction)
+    if device.type == "cpu" and reduction != "none":
+        assert sum(extra.values()) == x.numel() * 4
+    else:
+        assert sum(extra.values()) == 16 * NUM_SUMS * 4  # O(N), not O(N * H * W)
 
 
 @pytest.mark.parametrize("terms", ["bce", "dice", "focal", "focal_gamma1.5_no_alpha"])
@@ -438,6 +444,120 @@ def test_opcheck(device):
     torch.library.opcheck(backward, (torch.tensor(1.0, device=device), logits, targets, sums), kw)
     torch.library.opcheck(backward, (torch.rand(5, device=device), logits, soft, sums), dict(kw, reduction="none"))
     torch.library.opcheck(torch.ops.pyfast.mask_iou.default, (logits, targets), dict(threshold=0.0))
+
+
+def _two_pass_loss(x, t, **kw):
+    """The loss through mask_loss_forward, whose backward recomputes from the logits."""
+    return torch.ops.pyfast.mask_loss_forward(x, t, **kw)[0]
+
+
+def _loss_and_grad(loss_fn, logits, targets, scale):
+    x = logits.clone().requires_grad_()
+    loss = loss_fn(x, targets)
+    (loss * scale if scale != 1.0 else loss).backward()
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize("shape", [(7, 1000), (3, 200, 200), (0, 5)])
+@pytest.mark.parametrize("kind", TARGET_KINDS)
+def test_gradient_in_forward_matches_the_two_passes(shape, kind):
+    """On the CPU a reduced float32 loss without the focal term computes its gradient in the forward,
+    each mask's two passes in cache: the same bits as the backward kernel for loss.backward(), a
+    scaled copy for other grad_out. Masks of over one 16,384-element chunk, saturated and signed-zero
+    logits, empty and full masks included."""
+    logits, targets = _inputs(shape, kind, dtype=torch.float32, seed=30)
+    if shape[0]:
+        flat = logits.view(shape[0], -1)
+        flat[0, :6] = torch.tensor([100.0, -100.0, 0.0, -0.0, 1e-30, -88.0])
+        targets = targets.clone()
+        targets.view(shape[0], -1)[1] = 0  # an empty target mask
+        targets.view(shape[0], -1)[-1] = 1  # a full one
+    targets = targets.float() if kind == "soft" else targets
+    for reduction, avg_factor in (("mean", None), ("sum", None), ("mean", 5.0)):
+        kw = dict(bce_weight=0.7, dice_weight=1.3, focal_weight=0.0, alpha=0.25, gamma=2.0, smooth=1.0,
+                  reduction=reduction, avg_factor=avg_factor)  # fmt: skip
+        fused = lambda x, t: pyfast.mask_loss(x, t, **kw)
+        two_pass = lambda x, t: _two_pass_loss(x, t, **kw)
+        x = logits.clone().requires_grad_()
+        assert type(fused(x, targets).grad_fn).__name__ == "MaskLossForwardWithGradBackward"
+        ours, theirs = _loss_and_grad(fused, logits, targets, 1.0), _loss_and_grad(two_pass, logits, targets, 1.0)
+        assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+        ours, theirs = _loss_and_grad(fused, logits, targets, 0.375), _loss_and_grad(two_pass, logits, targets, 0.375)
+        tol = 1e-6 * max(theirs[1].abs().max().item(), 1e-30) if theirs[1].numel() else 0.0
+        torch.testing.assert_close(ours[1], theirs[1], rtol=1e-6, atol=tol)
+
+
+def test_gradient_in_forward_only_where_it_pays():
+    logits, targets = _inputs((3, 20, 20), "bool", dtype=torch.float32, seed=31)
+    x = logits.clone().requires_grad_()
+    name = lambda loss: type(loss.grad_fn).__name__
+    assert name(pyfast.mask_loss(x, targets)) == "MaskLossForwardWithGradBackward"
+    assert name(pyfast.mask_loss(x, targets, reduction="none")) == "MaskLossForwardBackward"
+    assert name(pyfast.mask_loss(x, targets, focal_weight=1.0)) == "MaskLossForwardBackward"
+    assert name(pyfast.mask_loss(x.double(), targets)) == "MaskLossForwardBackward"
+    with torch.no_grad():
+        assert pyfast.mask_loss(x, targets).grad_fn is None
+    with pyfast_env(backend="reference"):
+        assert name(pyfast.mask_loss(x, targets)) == "MaskLossForwardBackward"
+
+
+def test_gradient_in_forward_edge_cases():
+    logits, targets = _inputs((4, 30, 30), "uint8", dtype=torch.float32, seed=32)
+    x = logits.clone().requires_grad_()
+    loss = pyfast.mask_loss(x, targets)
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward()
+    assert torch.equal(x.grad, 2 * first)
+    bad = logits.clone()
+    bad[2, 3, 4] = math.nan
+    x = bad.requires_grad_()
+    loss = pyfast.mask_loss(x, targets)
+    loss.backward()
+    assert math.isnan(loss.item()) and torch.isnan(x.grad[2]).any() and torch.isfinite(x.grad[[0, 1, 3]]).all()
+    with pytest.raises(ValueError, match="outside"):
+        pyfast.mask_loss(logits.clone().requires_grad_(), targets.float() * 2)
+    with pytest.raises(ValueError, match="reduction"):
+        torch.ops.pyfast.mask_loss_forward_with_grad(logits, targets, **dict(OPTIONS, focal_weight=0.0),
+                                                     reduction="none", avg_factor=None)  # fmt: skip
+
+
+def test_gradient_in_forward_falls_back_to_two_passes_and_to_the_reference():
+    """The op is total: without the fused kernels (the portable CPU loops, the reference twin) it
+    computes the same loss and gradient in two passes."""
+    logits, targets = _inputs((5, 40, 40), "bool", dtype=torch.float32, seed=33)
+    kw = dict(OPTIONS, focal_weight=0.0, reduction="mean", avg_factor=None)
+    results = []
+    for setting in ("fused", "generic", "reference"):
+        _native._C._mask_loss_cpu_force_generic(setting == "generic")
+        try:
+            with pyfast_env(backend="reference" if setting == "reference" else "auto"):
+                x = logits.clone().requires_grad_()
+                loss, grad = torch.ops.pyfast.mask_loss_forward_with_grad(x, targets, **kw)
+                (3.0 * loss).backward()
+                results.append((loss.detach(), grad, x.grad))
+        finally:
+            _native._C._mask_loss_cpu_force_generic(False)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+    assert torch.equal(results[0][2], 3.0 * results[0][1])
+
+
+def test_gradient_in_forward_opcheck_and_compile():
+    logits, targets = _inputs((5, 6, 7), "bool", dtype=torch.float32, seed=34)
+    op = torch.ops.pyfast.mask_loss_forward_with_grad.default
+    kw = dict(OPTIONS, focal_weight=0.0, reduction="mean", avg_factor=None)
+    for t in (targets, targets.to(torch.uint8), targets.float() * 0.8):
+        torch.library.opcheck(op, (logits, t), kw)
+        torch.library.opcheck(op, (logits.clone().requires_grad_(), t), kw)
+    step = lambda x, t: pyfast.mask_loss(x, t) * 2.0
+    x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    out1, out2 = torch.compile(step, fullgraph=True)(x1, targets), step(x2, targets)
+    out1.backward()
+    out2.backward()
+    torch.testing.assert_close(out1, out2)
+    torch.testing.assert_close(x1.grad, x2.grad)
 
 
 def test_torch_compile_fullgraph(device):
