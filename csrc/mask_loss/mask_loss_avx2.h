@@ -90,9 +90,10 @@ PYFAST_AVX2_INLINE Parts sigmoid_parts(V x) {
   return {e, _mm256_blendv_ps(er, r, pos), _mm256_blendv_ps(r, er, pos)};
 }
 
-// The sigmoid cache: exp(-|x|) carrying x's sign, written by the forward for the backward, which
-// then needs no exp of its own (the longest chain of an element's math). The parts rebuilt from it
-// are those sigmoid_parts computes from x, bit for bit (x = -0: both halves are 0.5 either way).
+// The sigmoid cache: exp(-|x|) carrying x's sign, written by a mask's sums pass for its gradient
+// pass, which then needs no exp of its own (the longest chain of an element's math). The parts
+// rebuilt from it are those sigmoid_parts computes from x, bit for bit (x = -0: both halves are
+// 0.5 either way).
 PYFAST_AVX2_INLINE V signed_e(V e, V x) { return _mm256_or_ps(e, _mm256_and_ps(x, set1(-0.0f))); }
 
 PYFAST_AVX2_INLINE Parts parts_from_cache(V s) {

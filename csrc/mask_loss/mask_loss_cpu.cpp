@@ -2,7 +2,8 @@
 // then the loss and the reduction from those O(n) values. Backward: one elementwise pass that
 // recomputes the sigmoid from the logits and reads the saved sums. mask_iou shares the forward's
 // row-sum machinery. The common case (float32 logits, binary or float32 targets, no focal term)
-// runs hand-vectorized AVX2 bodies (mask_loss_avx2.h) where the CPU has them.
+// runs hand-vectorized AVX2 bodies (mask_loss_avx2.h) where the CPU has them, and there the
+// forward can also write the gradient (forward_sums_with_grad).
 #include "mask_loss/mask_loss.h"
 
 #include <algorithm>
