@@ -276,6 +276,11 @@ box_loss_forward_with_grad = define(
 
 
 def _setup_with_grad(ctx, inputs, output):
+    if inputs["weight"] is not None and inputs["weight"].requires_grad:
+        raise ValueError(
+            "weight requires grad, but box_loss_forward_with_grad differentiates pred and target only; "
+            "use box_loss_forward (pyfast.box_loss picks it for a weight that requires grad)"
+        )
     _, grad_pred, grad_target = output
     ctx.mark_non_differentiable(grad_pred, grad_target)
     # The backward gets no gradient for those two outputs: None, not tensors of zeros to fill.

@@ -533,6 +533,10 @@ def test_gradient_in_forward_edge_cases():
     loss.backward()
     assert math.isnan(loss.item()) and torch.isnan(p.grad[3]).all() and torch.isfinite(p.grad[4:]).all()
     # The op itself refuses what it cannot compute, naming the argument.
+    with pytest.raises(ValueError, match="weight requires grad"):
+        torch.ops.pyfast.box_loss_forward_with_grad(pred.clone().requires_grad_(), target,
+                                                    torch.rand(50, requires_grad=True), False, reduction="sum",
+                                                    avg_factor=None, **OPTIONS)  # fmt: skip
     with pytest.raises(ValueError, match="reduction"):
         torch.ops.pyfast.box_loss_forward_with_grad(pred, target, None, False, reduction="none", avg_factor=None,
                                                     **OPTIONS)  # fmt: skip
