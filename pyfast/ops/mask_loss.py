@@ -1,14 +1,19 @@
 """pyfast.mask_loss, pyfast.mask_iou and pyfast.MaskLoss: the fused BCE + dice + focal mask loss.
 
-Three torch.library ops, written as every pyfast op is (pyfast/ops/_library.py):
+Four torch.library ops, written as every pyfast op is (pyfast/ops/_library.py):
 
     pyfast::mask_loss_forward(logits, targets, <options>, reduction, avg_factor) -> (loss, sums)
     pyfast::mask_loss_backward(grad, logits, targets, sums, <options>, reduction, avg_factor) -> grad_logits
+    pyfast::mask_loss_forward_with_grad(logits, targets, <options>, reduction, avg_factor) -> (loss, grad_logits)
     pyfast::mask_iou(logits, targets, threshold) -> iou          (no gradient)
 
 <options> (MASK_OPTIONS) pass through by name into pyfast._C's MaskLossOptions. The forward returns
 the loss and a few sums per mask (the only thing saved besides the inputs); the backward recomputes
-the per-element terms from the inputs.
+the per-element terms from the inputs. On the CPU, a reduced float32 loss without the focal term
+whose logits require grad goes through mask_loss_forward_with_grad instead: the kernel gives each
+mask two passes while it is in cache (its sums, then its gradient from the sigmoids the first pass
+kept), so no exp is computed twice, and the backward hands the gradient over for grad_out = 1 (as
+pyfast/ops/box_loss.py's op of the same kind does).
 
 Targets: bool and uint8 masks go to the kernels as bytes (a quarter of float32's traffic) and are
 binary, any non-zero byte being foreground. Float (soft) targets are probabilities in [0, 1], read in
