@@ -13,6 +13,7 @@ out dropped first); `release()` drops every free array.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 
@@ -23,6 +24,15 @@ MIN_BYTES = 4 << 20  # below, the C library's own reuse of freed memory does as 
 MAX_BYTES = 512 << 20
 _arrays: list[np.ndarray] = []  # least recently handed out first
 _lock = threading.Lock()
+
+
+def _new_lock_in_child() -> None:
+    # A fork while another thread held the lock would leave the child's copy locked for good.
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 def empty(numel: int, dtype: torch.dtype) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -93,3 +95,16 @@ def test_box_gradients_from_the_pool_match_the_reference(gradient_in_forward):
     (want,) = torch.autograd.grad(want, p)
     assert addresses[0] == addresses[1] and torch.equal(results[0], results[1])
     torch.testing.assert_close(results[1].double(), want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
+
+
+def test_a_child_forked_while_the_lock_is_held_can_still_allocate():
+    with _buffers._lock:
+        pid = os.fork()
+        if pid == 0:  # the child: its copy of the lock was taken at fork time
+            code = 3
+            try:
+                code = 0 if _buffers.empty(LARGE, torch.float16).numel() == LARGE else 4
+            finally:
+                os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
