@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
 
 import pytest
 import torch
@@ -106,5 +108,13 @@ def test_a_child_forked_while_the_lock_is_held_can_still_allocate():
                 code = 0 if _buffers.empty(LARGE, torch.float16).numel() == LARGE else 4
             finally:
                 os._exit(code)
-    _, status = os.waitpid(pid, 0)
+    for _ in range(300):  # a child stuck on the lock would never exit: give it 30 s
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung on the pool's lock")
     assert os.waitstatus_to_exitcode(status) == 0
