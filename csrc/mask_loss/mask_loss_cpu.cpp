@@ -166,7 +166,7 @@ std::vector<double> forward_sums_with_grad(const MaskLossForward& args, int num_
   const TT* targets = args.targets.as<const TT>();
   float* grad = args.grad_logits.as<float>();
   const mask::RowMath<float> rm = mask::row_math<float>(args.options, m);
-  const float g = float(1.0f) * float(reduction_scale(args.reduction, n, args.avg_factor));
+  const float g = float(reduction_scale(args.reduction, n, args.avg_factor));  // backward_impl's g, grad_out = 1
   const Plan plan = make_plan(n, m);
   std::vector<double> sums(static_cast<size_t>(n * mask::kNumSums), 0.0);
   auto row = [&](int64_t r) {

@@ -458,9 +458,18 @@ def _loss_and_grad(loss_fn, logits, targets, scale):
     return loss.detach(), x.grad
 
 
+@pytest.fixture
+def two_threads():
+    """Two torch threads: the one-pass path's routing depends on the thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("shape", [(7, 1000), (3, 200, 200), (0, 5)])
 @pytest.mark.parametrize("kind", TARGET_KINDS)
-def test_gradient_in_forward_matches_the_two_passes(shape, kind):
+def test_gradient_in_forward_matches_the_two_passes(shape, kind, two_threads):
     """On the CPU a reduced float32 loss without the focal term computes its gradient in the forward,
     each mask's two passes in cache: the same bits as the backward kernel for loss.backward(), a
     scaled copy for other grad_out. Masks of over one 16,384-element chunk, saturated and signed-zero
@@ -495,6 +504,16 @@ def test_gradient_in_forward_only_where_it_pays():
     assert name(pyfast.mask_loss(x, targets, reduction="none")) == "MaskLossForwardBackward"
     assert name(pyfast.mask_loss(x, targets, focal_weight=1.0)) == "MaskLossForwardBackward"
     assert name(pyfast.mask_loss(x.double(), targets)) == "MaskLossForwardBackward"
+    # One mask over a chunk: the two kernels split it between threads, the one-pass path would not.
+    one, one_targets = _inputs((1, 200, 200), "bool", dtype=torch.float32, seed=35)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert name(pyfast.mask_loss(one.requires_grad_(), one_targets)) == "MaskLossForwardBackward"
+        torch.set_num_threads(1)
+        assert name(pyfast.mask_loss(one, one_targets)) == "MaskLossForwardWithGradBackward"
+    finally:
+        torch.set_num_threads(threads)
     with torch.no_grad():
         assert pyfast.mask_loss(x, targets).grad_fn is None
     with pyfast_env(backend="reference"):
