@@ -52,6 +52,12 @@ def check_number(name: str, value, *, minimum: float | None = None, positive: bo
     return value
 
 
+def check_reduced(op_name: str, reduction: str) -> None:
+    """For the ops that return their gradient with the loss: a scalar loss, so one upstream value."""
+    if reduction == "none":
+        raise ValueError(f'{op_name} takes reduction="sum" or "mean", got "none"')
+
+
 def reduction_args(reduction, avg_factor) -> tuple[str, float | None, torch.Tensor | None]:
     """(reduction, avg_factor) for an op, and a tensor to divide its result by afterwards.
 

@@ -39,6 +39,7 @@ from typing import Callable
 import torch
 
 from pyfast import _native
+from pyfast.ops._checks import acc_dtype
 
 LIB = torch.library.Library("pyfast", "FRAGMENT")
 _NATIVE: dict[str, Callable] = {}  # each op's native kernel as registered (arguments by position)
@@ -322,6 +323,17 @@ def register_autograd(op: torch._ops.OpOverload, backward: Callable, *, setup_co
 
     _AUTOGRAD[name] = autograd_plain
     LIB.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+
+
+def for_upstream_gradient(gradients: list[torch.Tensor], grad_out: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients an op computed in its forward for an upstream gradient of 1, for `grad_out`: as
+    they are when it is exactly 1 (loss.backward() on that loss alone: no pass over them), else
+    each scaled in float32 (float64 for float64) and cast back. grad_out is read only when it is a
+    plain CPU tensor, which costs no host sync; anything else (a FakeTensor under torch.compile) is
+    multiplied."""
+    if type(grad_out) is torch.Tensor and grad_out.device.type == "cpu" and grad_out.item() == 1.0:
+        return gradients
+    return [(g * grad_out.to(acc_dtype(g.dtype))).to(g.dtype) for g in gradients]
 
 
 def autograd_below_autograd():

@@ -37,12 +37,20 @@ from pyfast.ops._checks import (
     check_choice,
     check_float_tensor,
     check_number,
+    check_reduced,
     check_same_device,
     check_tensor,
     divide_by_avg_factor,
     reduction_args,
 )
-from pyfast.ops._library import autograd_below_autograd, caller, define, first_order_only, register_autograd
+from pyfast.ops._library import (
+    autograd_below_autograd,
+    caller,
+    define,
+    first_order_only,
+    for_upstream_gradient,
+    register_autograd,
+)
 
 MODES = reference.BOX_MODES
 FORMATS = reference.BOX_FORMATS
@@ -223,17 +231,12 @@ _call_forward = caller(box_loss_forward)
 # ---- pyfast::box_loss_forward_with_grad ----
 
 
-def _check_reduced(reduction):
-    if reduction == "none":
-        raise ValueError('box_loss_forward_with_grad takes reduction="sum" or "mean", got "none"')
-
-
 def _no_target_grad(pred):
     return pred.new_empty((0, 4))  # the third output when target_grad is false
 
 
 def _with_grad_native(pred, target, weight, *, target_grad, reduction, avg_factor, **options):
-    _check_reduced(reduction)
+    check_reduced("box_loss_forward_with_grad", reduction)
     if pred.device.type != "cpu":  # one kernel computes both on the CPU only; elsewhere, two
         loss = _forward_native(pred, target, weight, reduction=reduction, avg_factor=avg_factor, **options)
         grads = _backward_native(loss.new_ones(()), pred, target, weight, target_grad=target_grad, weight_grad=False,
@@ -253,7 +256,7 @@ def _with_grad_native(pred, target, weight, *, target_grad, reduction, avg_facto
 
 
 def _with_grad_reference(pred, target, weight, *, target_grad, reduction, avg_factor, **options):
-    _check_reduced(reduction)
+    check_reduced("box_loss_forward_with_grad", reduction)
     loss = _forward_reference(pred, target, weight, reduction=reduction, avg_factor=avg_factor, **options)
     with autograd_below_autograd():
         grads = _backward_reference(loss.new_ones(()), pred, target, weight, target_grad=target_grad,
@@ -262,7 +265,7 @@ def _with_grad_reference(pred, target, weight, *, target_grad, reduction, avg_fa
 
 
 def _with_grad_fake(pred, target, weight, *, target_grad, reduction, avg_factor, **options):
-    _check_reduced(reduction)
+    check_reduced("box_loss_forward_with_grad", reduction)
     _check_boxes(pred, target, weight)
     grad_target = torch.empty_like(target) if target_grad else _no_target_grad(pred)
     return pred.new_empty((), dtype=acc_dtype(pred.dtype)), torch.empty_like(pred), grad_target
@@ -295,14 +298,7 @@ def _backward_with_grad(ctx, grad, _grad_pred, _grad_target):
     grad_pred, grad_target, pred, target, weight = ctx.saved_tensors
     if grad is None:  # not materialized: the loss itself took no part in what was differentiated
         return {}
-    # grad_out = 1 (loss.backward() on this loss alone) needs no pass over the gradient. Only a
-    # plain CPU tensor is read: anything else (FakeTensor under torch.compile) is multiplied.
-    if not (type(grad) is torch.Tensor and grad.device.type == "cpu" and grad.item() == 1.0):
-        grad = grad.to(acc_dtype(pred.dtype))
-        grad_pred = (grad_pred * grad).to(pred.dtype)
-        if ctx.target_grad:
-            grad_target = (grad_target * grad).to(target.dtype)
-    grads = [grad_pred, grad_target] if ctx.target_grad else [grad_pred]
+    grads = for_upstream_gradient([grad_pred, grad_target] if ctx.target_grad else [grad_pred], grad)
     grads = first_order_only("box_loss", grads, grad, pred, target, weight)
     return {"pred": grads[0], "target": grads[1] if ctx.target_grad else None}
 

@@ -37,12 +37,20 @@ from pyfast.ops._checks import (
     acc_dtype,
     check_float_tensor,
     check_number,
+    check_reduced,
     check_same_device,
     check_tensor,
     divide_by_avg_factor,
     reduction_args,
 )
-from pyfast.ops._library import autograd_below_autograd, caller, define, first_order_only, register_autograd
+from pyfast.ops._library import (
+    autograd_below_autograd,
+    caller,
+    define,
+    first_order_only,
+    for_upstream_gradient,
+    register_autograd,
+)
 
 MASK_OPTIONS = "float bce_weight, float dice_weight, float focal_weight, float alpha, float gamma, float smooth"
 REDUCTION = "str reduction, float? avg_factor"
@@ -238,15 +246,9 @@ _call_forward = caller(mask_loss_forward)
 # ---- pyfast::mask_loss_forward_with_grad ----
 
 
-def _check_reduced(reduction):
-    if reduction == "none":
-        raise ValueError('mask_loss_forward_with_grad takes reduction="sum" or "mean", got "none"')
-
-
 def _with_grad_native(logits, targets, *, reduction, avg_factor, **options):
-    _check_reduced(reduction)
+    check_reduced("mask_loss_forward_with_grad", reduction)
     n, m = _check_masks(logits, targets)
-    shape = logits.shape
     logits, targets = logits.contiguous(), _kernel_targets(targets, logits.dtype)
     acc = acc_dtype(logits.dtype)
     out = logits.new_empty((), dtype=acc)
@@ -265,11 +267,11 @@ def _with_grad_native(logits, targets, *, reduction, avg_factor, **options):
         out, sums = _forward_native(logits, targets, reduction=reduction, avg_factor=avg_factor, **options)
         grad_logits = _backward_native(out.new_ones(()), logits, targets, sums, reduction=reduction,
                                        avg_factor=avg_factor, **options)  # fmt: skip
-    return out, grad_logits.view(shape)
+    return out, grad_logits
 
 
 def _with_grad_reference(logits, targets, *, reduction, avg_factor, **options):
-    _check_reduced(reduction)
+    check_reduced("mask_loss_forward_with_grad", reduction)
     loss, sums = _forward_reference(logits, targets, reduction=reduction, avg_factor=avg_factor, **options)
     with autograd_below_autograd():
         grad_logits = _backward_reference(loss.new_ones(()), logits, targets, sums, reduction=reduction,
@@ -278,7 +280,7 @@ def _with_grad_reference(logits, targets, *, reduction, avg_factor, **options):
 
 
 def _with_grad_fake(logits, targets, *, reduction, avg_factor, **options):
-    _check_reduced(reduction)
+    check_reduced("mask_loss_forward_with_grad", reduction)
     _check_masks(logits, targets)
     grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     return logits.new_empty((), dtype=acc_dtype(logits.dtype)), grad_logits
@@ -303,10 +305,7 @@ def _backward_with_grad(ctx, grad, _grad_grad):
     grad_logits, logits = ctx.saved_tensors
     if grad is None:  # not materialized: the loss took no part in what was differentiated
         return {}
-    # grad_out = 1 (loss.backward() on this loss alone) needs no pass over the gradient; see
-    # pyfast/ops/box_loss.py's _backward_with_grad.
-    if not (type(grad) is torch.Tensor and grad.device.type == "cpu" and grad.item() == 1.0):
-        grad_logits = (grad_logits * grad.to(acc_dtype(logits.dtype))).to(logits.dtype)
+    (grad_logits,) = for_upstream_gradient([grad_logits], grad)
     return {"logits": first_order_only("mask_loss", grad_logits, grad, logits)}
 
 
