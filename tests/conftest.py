@@ -53,3 +53,12 @@ def _seed():
 def assert_close(actual, expected, rtol, atol):
     """Compare in float64 on the CPU, whatever the dtypes and devices."""
     torch.testing.assert_close(actual.detach().cpu().double(), expected.detach().cpu().double(), rtol=rtol, atol=atol)
+
+
+def assert_second_backward_repeats(loss, leaf):
+    """retain_graph: a second backward adds the same gradient to leaf.grad again (the first one did
+    not consume what the graph saved)."""
+    loss.backward(retain_graph=True)
+    first = leaf.grad.clone()
+    loss.backward()
+    assert torch.equal(leaf.grad, 2 * first)
