@@ -90,12 +90,22 @@ def test_nan_logit_poisons_only_its_mask(isa, position):
     assert torch.isnan(grad[1]).all() and torch.isfinite(grad[[0, 2]]).all()
 
 
+@pytest.mark.parametrize("value", [255.0, -0.5, 1.0000001])
 @pytest.mark.parametrize("position", [0, 17, 36])
-def test_float_targets_out_of_range_are_counted_in_every_lane(isa, position):
+def test_float_targets_out_of_range_are_counted_in_every_lane(isa, position, value):
     logits, targets = _inputs(2, 37, "float32", seed=8)
-    targets[1, position] = 255.0
+    targets[1, position] = value
     with pytest.raises(ValueError, match=r"targets are float but outside \[0, 1\].* in 1 of 2 masks"):
         pyfast.mask_loss(logits, targets)
+
+
+@pytest.mark.parametrize("position", [0, 17, 36])
+def test_nan_float_target_poisons_its_mask_without_counting_as_out_of_range(isa, position):
+    logits, targets = _inputs(3, 37, "float32", seed=11)
+    targets[1, position] = float("nan")
+    loss, grad = _loss_and_grad(pyfast.mask_loss, logits, targets)
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+    assert torch.isfinite(grad[[0, 2]]).all()
 
 
 def test_paths_agree_closely_and_neither_depends_on_thread_count():
