@@ -71,37 +71,56 @@ template <class T> inline void prefetch_boxes(const T* boxes, int64_t first_box,
   }
 }
 
-// The per-box loops below are branch-free maps over one block so that the compiler vectorizes
-// them. They run the loss without the PairScale step and return whether a pair needed it (a
-// coordinate at or beyond its threshold, inf and NaN included); the caller then redoes that block
-// with the scaled loss. Only what changes the per-box math is a template parameter (the output
-// kind here, whether grad_target is written below): weights and the gradient's scale are applied in
-// separate passes over the block, which cost nothing next to the IoU math and keep the number of
-// instantiations (each compiled three times: AVX-512, AVX2 and the baseline) small.
-template <bool VARIANT, class T, class Loss, class A>
-PYFAST_SIMD_CLONES bool map_block(const Loss& loss, int64_t count, const T* __restrict__ pred,
-                                  const T* __restrict__ target, A* __restrict__ out) {
+// The chunk loop of the per-box kernels below: each chunk of boxes into columns, the next chunk
+// prefetched (with up to two outputs of four values per box, `written0/1`, null for none) while
+// per_box(begin, j, p, t) runs for box begin + j, then chunk_done(begin, n). Returns whether a pair
+// needed the PairScale step (a coordinate at or beyond its threshold, inf and NaN included).
+// Inlined into each SIMD clone of its callers, where the per-box loop vectorizes.
+template <class A, class T, class PerBox, class ChunkDone>
+PYFAST_HD bool for_each_box(int64_t count, const T* __restrict__ pred, const T* __restrict__ target,
+                            const T* written0, const T* written1, PerBox&& per_box, ChunkDone&& chunk_done) {
   decltype(abs_bits(A{})) largest = 0;
   BoxColumns<A> pc, tc;
   for (int64_t begin = 0; begin < count; begin += kColumnChunk) {
     const int64_t n = std::min(kColumnChunk, count - begin);
     to_columns(pred + 4 * begin, n, pc);
     to_columns(target + 4 * begin, n, tc);
-    A* out_chunk = out + begin;
     for (int64_t j0 = 0; j0 < n; j0 += kPrefetchBoxes) {
-      prefetch_boxes(pred, begin + kColumnChunk + j0, false);
-      prefetch_boxes(target, begin + kColumnChunk + j0, false);
+      const int64_t next = begin + kColumnChunk + j0;
+      prefetch_boxes(pred, next, false);
+      prefetch_boxes(target, next, false);
+      if (written0) prefetch_boxes(written0, next, true);
+      if (written1) prefetch_boxes(written1, next, true);
       const int64_t j_end = std::min(n, j0 + kPrefetchBoxes);
       for (int64_t j = j0; j < j_end; ++j) {
         const A p[4] = {pc.c[0][j], pc.c[1][j], pc.c[2][j], pc.c[3][j]};
         const A t[4] = {tc.c[0][j], tc.c[1][j], tc.c[2][j], tc.c[3][j]};
         const auto bits = pair_bits(p, t);
         largest = largest > bits ? largest : bits;
-        out_chunk[j] = VARIANT ? loss.variant(p, t) : loss.forward(p, t);
+        per_box(begin, j, p, t);
       }
     }
+    chunk_done(begin, n);
   }
   return reaches_scale_threshold(largest);
+}
+
+// The per-box loops below are branch-free maps over one block so that the compiler vectorizes
+// them. They run the loss without the PairScale step and return whether a pair needed it; the
+// caller then redoes that block with the scaled loss. Only what changes the per-box math is a
+// template parameter (the output kind here, whether grad_target is written below): weights and the
+// gradient's scale are applied in separate passes over the block, which cost nothing next to the
+// IoU math and keep the number of instantiations (each compiled three times: AVX-512, AVX2 and the
+// baseline) small.
+template <bool VARIANT, class T, class Loss, class A>
+PYFAST_SIMD_CLONES bool map_block(const Loss& loss, int64_t count, const T* __restrict__ pred,
+                                  const T* __restrict__ target, A* __restrict__ out) {
+  return for_each_box<A>(
+      count, pred, target, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr),
+      [&](int64_t begin, int64_t j, const A* p, const A* t) PYFAST_ELEM_LAMBDA {
+        out[begin + j] = VARIANT ? loss.variant(p, t) : loss.forward(p, t);
+      },
+      [](int64_t, int64_t) {});
 }
 
 // Elements of `weight` per box.
@@ -150,39 +169,22 @@ PYFAST_SIMD_CLONES bool backward_block(const Loss& loss, int64_t count, const A*
                                        const T* __restrict__ pred, const T* __restrict__ target,
                                        T* __restrict__ grad_pred, T* __restrict__ grad_target,
                                        A* __restrict__ values) {
-  decltype(abs_bits(A{})) largest = 0;
-  BoxColumns<A> pc, tc, gpc, gtc;
-  for (int64_t begin = 0; begin < count; begin += kColumnChunk) {
-    const int64_t n = std::min(kColumnChunk, count - begin);
-    to_columns(pred + 4 * begin, n, pc);
-    to_columns(target + 4 * begin, n, tc);
-    const A* gj = g + begin;
-    A* values_chunk = values + begin;
-    for (int64_t j0 = 0; j0 < n; j0 += kPrefetchBoxes) {
-      const int64_t next = begin + kColumnChunk + j0;
-      prefetch_boxes(pred, next, false);
-      prefetch_boxes(target, next, false);
-      prefetch_boxes(grad_pred, next, true);
-      if (TARGET_GRAD) prefetch_boxes(grad_target, next, true);
-      const int64_t j_end = std::min(n, j0 + kPrefetchBoxes);
-      for (int64_t j = j0; j < j_end; ++j) {
-        const A p[4] = {pc.c[0][j], pc.c[1][j], pc.c[2][j], pc.c[3][j]};
-        const A t[4] = {tc.c[0][j], tc.c[1][j], tc.c[2][j], tc.c[3][j]};
-        const auto bits = pair_bits(p, t);
-        largest = largest > bits ? largest : bits;
-        if (VALUES) values_chunk[j] = loss.forward(p, t);
+  BoxColumns<A> gpc, gtc;
+  return for_each_box<A>(
+      count, pred, target, grad_pred, TARGET_GRAD ? grad_target : nullptr,
+      [&](int64_t begin, int64_t j, const A* p, const A* t) PYFAST_ELEM_LAMBDA {
+        if (VALUES) values[begin + j] = loss.forward(p, t);
         A gp[4], gt[4];
-        loss.backward(p, t, gj[j], gp, gt);
+        loss.backward(p, t, g[begin + j], gp, gt);
         for (int k = 0; k < 4; ++k) gpc.c[k][j] = gp[k];
         if (TARGET_GRAD) {
           for (int k = 0; k < 4; ++k) gtc.c[k][j] = gt[k];
         }
-      }
-    }
-    from_columns(gpc, n, grad_pred + 4 * begin);
-    if (TARGET_GRAD) from_columns(gtc, n, grad_target + 4 * begin);
-  }
-  return reaches_scale_threshold(largest);
+      },
+      [&](int64_t begin, int64_t n) PYFAST_ELEM_LAMBDA {
+        from_columns(gpc, n, grad_pred + 4 * begin);
+        if (TARGET_GRAD) from_columns(gtc, n, grad_target + 4 * begin);
+      });
 }
 
 // The backward for any weight kind, box by box: per-coordinate weights (mmdet-style inputs, not

@@ -17,6 +17,9 @@
 #else
 // Always inlined: the per-element math must inline into the loops for them to vectorize.
 #define PYFAST_HD inline __attribute__((always_inline))
+// The same for a lambda a loop calls per element or per box (`[&](...) PYFAST_ELEM_LAMBDA {}`):
+// GCC leaves a large one out of line, and the loop calls it element by element.
+#define PYFAST_ELEM_LAMBDA __attribute__((always_inline))
 #endif
 
 namespace pyfast {

@@ -16,8 +16,6 @@
 #include "mask_loss/mask_loss_avx2.h"
 #include "mask_loss/mask_loss_math.h"
 
-// Element lambdas must inline into the AVX2 clones of the loops that call them.
-#define PYFAST_ELEM_LAMBDA __attribute__((always_inline))
 
 namespace pyfast {
 namespace {
