@@ -157,10 +157,4 @@ def launch(kernel: str, device: torch.device, **fields):
     )
 
 
-def supports(query: str, kernel: str, **fields) -> bool:
-    """What pyfast._C's `query` (a predicate such as "mask_loss_cpu_gradient_in_forward") says of
-    native kernel `kernel`'s arguments built from `fields`."""
-    return bool(_c(query)(_c(_ARGS[kernel])(**fields)))
-
-
 reload_backend_setting()

@@ -58,9 +58,10 @@ struct MaskLossForward {
   Reduction reduction = Reduction::None;
   double avg_factor = 0.0;  // <= 0: none
   Address sums, out;
-  // Not null (a reduction; CPU only, where mask_loss_cpu_gradient_in_forward says so): also writes
-  // d out[0] / d logits, the backward for grad_out = 1, each mask's gradient while its elements
-  // are still in cache.
+  // Not null (a reduction; CPU only): also writes d out[0] / d logits, the backward for
+  // grad_out = 1. Float32 logits, binary or float32 targets, no focal term and masks of at most
+  // 2^18 elements on an AVX2 CPU get each mask's gradient while its elements are still in cache;
+  // anything else runs the backward kernel after the forward.
   Address grad_logits;
 };
 
@@ -93,12 +94,6 @@ struct MaskIoU {
 int64_t mask_loss_forward_cpu(const MaskLossForward& args, int num_threads);
 void mask_loss_backward_cpu(const MaskLossBackward& args, int num_threads);
 int64_t mask_iou_cpu(const MaskIoU& args, int num_threads);
-
-// Whether mask_loss_forward_cpu can write the gradient for these arguments: float32 logits,
-// binary or float32 targets, no focal term, a reduction, masks of at most kMaxGradientInForward
-// elements (the mask's elements stay in cache between its two passes), a CPU with AVX2 + FMA.
-constexpr int64_t kMaxGradientInForward = int64_t(1) << 18;
-bool mask_loss_cpu_gradient_in_forward(const MaskLossForward& args);
 
 // Tests only: use the portable loops even where AVX2 + FMA are available.
 void mask_loss_cpu_force_generic(bool on);

@@ -152,8 +152,7 @@ std::vector<double> forward_sums(const MaskLossForward& args, const mask::MaskLo
 }
 
 #ifdef PYFAST_MASK_AVX2
-// The forward's sums and, for grad_out = 1, the gradient (mask_loss_cpu_gradient_in_forward's
-// case). Each mask in two passes while its elements stay in cache: the sums, storing each
+// The forward's sums and, for grad_out = 1, the gradient (gradient_in_forward's case). Each mask in two passes while its elements stay in cache: the sums, storing each
 // element's sigmoid cache value where its gradient goes; then, with the mask's coefficients known,
 // the gradient from that cache, in place. The sums are those of forward_sums, bit for bit (the
 // same pieces, added in the same order), and the gradient that of backward_impl for grad_out = 1.
@@ -286,11 +285,12 @@ int64_t iou_impl(const MaskIoU& args, int num_threads) {
   return bad_masks;
 }
 
-}  // namespace
+constexpr int64_t kMaxGradientInForward = int64_t(1) << 18;
 
-void mask_loss_cpu_force_generic(bool on) { force_generic.store(on); }
-
-bool mask_loss_cpu_gradient_in_forward(const MaskLossForward& args) {
+// Whether forward_sums_with_grad covers the arguments: float32 logits, binary or float32 targets,
+// no focal term, a reduction, masks of at most kMaxGradientInForward elements (the mask's elements
+// stay in cache between its two passes), a CPU with AVX2 + FMA and the fast loops not forced off.
+bool gradient_in_forward(const MaskLossForward& args) {
   if (focal_mode(args.options) != mask::kNoFocal || args.reduction == Reduction::None ||
       args.m > kMaxGradientInForward) {
     return false;
@@ -302,17 +302,44 @@ bool mask_loss_cpu_gradient_in_forward(const MaskLossForward& args) {
   return supported;
 }
 
+}  // namespace
+
+void mask_loss_cpu_force_generic(bool on) { force_generic.store(on); }
+
 int64_t mask_loss_forward_cpu(const MaskLossForward& args, int num_threads) {
-  if (args.grad_logits && !mask_loss_cpu_gradient_in_forward(args)) {
-    throw std::invalid_argument("pyfast: mask_loss_forward cannot write the gradient for these arguments");
+  if (args.grad_logits && args.reduction == Reduction::None) {
+    throw std::invalid_argument("pyfast: mask_loss_forward writes the gradient of a reduced loss only (reduction none)");
   }
+  // The gradient while each mask is in cache where the fused loops cover the arguments; otherwise
+  // the forward and then the backward kernel for grad_out = 1, the same numbers in two passes.
+  const bool fused = args.grad_logits && gradient_in_forward(args);
+  MaskLossForward forward = args;
+  if (!fused) forward.grad_logits = Address{};
   int64_t bad_masks = 0;
   mask::dispatch_types(args.dtype, args.target_dtype, [&](auto tag, auto target_tag) {
     using T = decltype(tag);
     using TT = decltype(target_tag);
     using A = typename Acc<T>::type;
-    mask::dispatch_focal<A>(args.options,
-                            [&](const auto& loss) { bad_masks = forward_impl<T, TT>(args, loss, num_threads); });
+    mask::dispatch_focal<A>(args.options, [&](const auto& loss) {
+      bad_masks = forward_impl<T, TT>(forward, loss, num_threads);
+      if (args.grad_logits && !fused) {
+        const A one = A(1);
+        MaskLossBackward backward;
+        backward.options = args.options;
+        backward.n = args.n;
+        backward.m = args.m;
+        backward.dtype = args.dtype;
+        backward.target_dtype = args.target_dtype;
+        backward.logits = args.logits;
+        backward.targets = args.targets;
+        backward.sums = args.sums;
+        backward.reduction = args.reduction;
+        backward.avg_factor = args.avg_factor;
+        backward.grad_out = Address{reinterpret_cast<uintptr_t>(&one)};
+        backward.grad_logits = args.grad_logits;
+        backward_impl<T, TT>(backward, loss, num_threads);
+      }
+    });
   });
   return bad_masks;
 }

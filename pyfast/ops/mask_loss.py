@@ -57,7 +57,7 @@ REDUCTION = "str reduction, float? avg_factor"
 NUM_SUMS = len(reference.MASK_SUMS)
 _BAD_TARGETS = reference.MASK_SUMS.index("bad_targets")
 _FLOAT_TARGETS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_MAX_GRADIENT_IN_FORWARD = 1 << 18  # csrc/mask_loss/mask_loss.h: kMaxGradientInForward
+_MAX_GRADIENT_IN_FORWARD = 1 << 18  # csrc/mask_loss/mask_loss_cpu.cpp: kMaxGradientInForward
 _CHUNK = 16384  # csrc/mask_loss/mask_loss_cpu.cpp: kChunk
 
 
@@ -249,24 +249,24 @@ _call_forward = caller(mask_loss_forward)
 def _with_grad_native(logits, targets, *, reduction, avg_factor, **options):
     check_reduced("mask_loss_forward_with_grad", reduction)
     n, m = _check_masks(logits, targets)
+    if logits.device.type != "cpu":  # one kernel call computes both on the CPU only; elsewhere, two
+        out, sums = _forward_native(logits, targets, reduction=reduction, avg_factor=avg_factor, **options)
+        grad_logits = _backward_native(out.new_ones(()), logits, targets, sums, reduction=reduction,
+                                       avg_factor=avg_factor, **options)  # fmt: skip
+        return out, grad_logits
     logits, targets = logits.contiguous(), _kernel_targets(targets, logits.dtype)
     acc = acc_dtype(logits.dtype)
     out = logits.new_empty((), dtype=acc)
     sums = logits.new_empty((n, NUM_SUMS), dtype=acc)
-    grad_logits = _buffers.empty_like(logits) if logits.device.type == "cpu" else None
-    fields = dict(
-        options=options, n=n, m=m, dtype=_native.DTYPES[logits.dtype], target_dtype=_native.DTYPES[targets.dtype],
-        logits=logits, targets=targets, reduction=reduction, avg_factor=avg_factor or 0.0, sums=sums, out=out,
+    grad_logits = _buffers.empty_like(logits)
+    # One call: the kernel computes each mask's gradient while it is in cache where its fused
+    # loops cover the arguments, and otherwise runs the backward kernel after the forward.
+    bad_masks = _native.launch(
+        "mask_loss_forward", logits.device, options=options, n=n, m=m, dtype=_native.DTYPES[logits.dtype],
+        target_dtype=_native.DTYPES[targets.dtype], logits=logits, targets=targets, reduction=reduction,
+        avg_factor=avg_factor or 0.0, sums=sums, out=out, grad_logits=grad_logits,
     )  # fmt: skip
-    if logits.device.type == "cpu" and _native.supports(
-        "mask_loss_cpu_gradient_in_forward", "mask_loss_forward", **fields, grad_logits=grad_logits
-    ):
-        bad_masks = _native.launch("mask_loss_forward", logits.device, **fields, grad_logits=grad_logits)
-        _check_target_range(targets, bad_masks, lambda: sums[:, _BAD_TARGETS])
-    else:  # the kernels that do both in one pass are not there for these arguments: two passes
-        out, sums = _forward_native(logits, targets, reduction=reduction, avg_factor=avg_factor, **options)
-        grad_logits = _backward_native(out.new_ones(()), logits, targets, sums, reduction=reduction,
-                                       avg_factor=avg_factor, **options)  # fmt: skip
+    _check_target_range(targets, bad_masks, lambda: sums[:, _BAD_TARGETS])
     return out, grad_logits
 
 

@@ -537,6 +537,19 @@ def test_gradient_in_forward_edge_cases():
                                                      reduction="none", avg_factor=None)  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype, focal_weight, m", [(torch.float64, 0.0, 900), (torch.float32, 1.0, 900),
+                                                   (torch.float16, 0.0, 900), (torch.float32, 0.0, (1 << 18) + 3)])
+def test_gradient_in_forward_op_runs_the_backward_kernel_where_its_loops_do_not_apply(dtype, focal_weight, m):
+    """Called directly, the op takes any arguments its kernel takes: outside the fused loops' case
+    (other dtypes, the focal term, masks over 2^18 elements) its one kernel call runs the forward
+    and then the backward kernel, the two kernels' numbers bit for bit."""
+    logits, targets = _inputs((3, m), "bool", dtype=dtype, seed=36)
+    kw = dict(OPTIONS, focal_weight=focal_weight, reduction="mean", avg_factor=None)
+    loss, grad = torch.ops.pyfast.mask_loss_forward_with_grad(logits, targets, **kw)
+    want_loss, want_grad = _loss_and_grad(lambda x, t: _two_pass_loss(x, t, **kw), logits, targets, 1.0)
+    assert torch.equal(loss, want_loss) and torch.equal(grad, want_grad)
+
+
 def test_gradient_in_forward_falls_back_to_two_passes_and_to_the_reference():
     """The op is total: without the fused kernels (the portable CPU loops, the reference twin) it
     computes the same loss and gradient in two passes."""
