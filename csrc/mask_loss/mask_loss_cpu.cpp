@@ -16,7 +16,6 @@
 #include "mask_loss/mask_loss_avx2.h"
 #include "mask_loss/mask_loss_math.h"
 
-
 namespace pyfast {
 namespace {
 
@@ -152,9 +151,10 @@ std::vector<double> forward_sums(const MaskLossForward& args, const mask::MaskLo
 }
 
 #ifdef PYFAST_MASK_AVX2
-// The forward's sums and, for grad_out = 1, the gradient (gradient_in_forward's case). Each mask in two passes while its elements stay in cache: the sums, storing each
-// element's sigmoid cache value where its gradient goes; then, with the mask's coefficients known,
-// the gradient from that cache, in place. The sums are those of forward_sums, bit for bit (the
+// The forward's sums and, for grad_out = 1, the gradient (gradient_in_forward's case). Each mask
+// in two passes while its elements stay in cache: the sums, storing each element's sigmoid cache
+// value where its gradient goes; then, with the mask's coefficients known, the gradient from that
+// cache, in place. The sums are those of forward_sums, bit for bit (the
 // same pieces, added in the same order), and the gradient that of backward_impl for grad_out = 1.
 template <class TT>
 std::vector<double> forward_sums_with_grad(const MaskLossForward& args, int num_threads) {
@@ -302,13 +302,32 @@ bool gradient_in_forward(const MaskLossForward& args) {
   return supported;
 }
 
+// The backward of a forward's arguments for grad_out = *one (the forward's sums already written).
+MaskLossBackward backward_for_unit_grad(const MaskLossForward& args, const void* one) {
+  MaskLossBackward backward;
+  backward.options = args.options;
+  backward.n = args.n;
+  backward.m = args.m;
+  backward.dtype = args.dtype;
+  backward.target_dtype = args.target_dtype;
+  backward.logits = args.logits;
+  backward.targets = args.targets;
+  backward.sums = args.sums;
+  backward.reduction = args.reduction;
+  backward.avg_factor = args.avg_factor;
+  backward.grad_out = Address{reinterpret_cast<uintptr_t>(one)};
+  backward.grad_logits = args.grad_logits;
+  return backward;
+}
+
 }  // namespace
 
 void mask_loss_cpu_force_generic(bool on) { force_generic.store(on); }
 
 int64_t mask_loss_forward_cpu(const MaskLossForward& args, int num_threads) {
   if (args.grad_logits && args.reduction == Reduction::None) {
-    throw std::invalid_argument("pyfast: mask_loss_forward writes the gradient of a reduced loss only (reduction none)");
+    throw std::invalid_argument(
+        "pyfast: mask_loss_forward writes grad_logits for a reduced loss (sum or mean) only, got reduction none");
   }
   // The gradient while each mask is in cache where the fused loops cover the arguments; otherwise
   // the forward and then the backward kernel for grad_out = 1, the same numbers in two passes.
@@ -324,20 +343,7 @@ int64_t mask_loss_forward_cpu(const MaskLossForward& args, int num_threads) {
       bad_masks = forward_impl<T, TT>(forward, loss, num_threads);
       if (args.grad_logits && !fused) {
         const A one = A(1);
-        MaskLossBackward backward;
-        backward.options = args.options;
-        backward.n = args.n;
-        backward.m = args.m;
-        backward.dtype = args.dtype;
-        backward.target_dtype = args.target_dtype;
-        backward.logits = args.logits;
-        backward.targets = args.targets;
-        backward.sums = args.sums;
-        backward.reduction = args.reduction;
-        backward.avg_factor = args.avg_factor;
-        backward.grad_out = Address{reinterpret_cast<uintptr_t>(&one)};
-        backward.grad_logits = args.grad_logits;
-        backward_impl<T, TT>(backward, loss, num_threads);
+        backward_impl<T, TT>(backward_for_unit_grad(args, &one), loss, num_threads);
       }
     });
   });

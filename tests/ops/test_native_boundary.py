@@ -173,3 +173,16 @@ def test_info_shows_backends_and_reasons():
     assert info["native cpu"] is True
     assert info["native cuda"] == pyfast.native_available("cuda")
     assert info["native cuda unavailable"] == (_native.unavailable_reason("cuda") or "-")
+
+
+def test_mask_forward_refuses_a_gradient_of_an_unreduced_loss():
+    # The gradient the forward writes is d out[0] / d logits: with reduction none there is no one
+    # output to differentiate, and the kernel says so instead of writing something else.
+    logits, targets = torch.randn(2, 16), torch.ones(2, 16, dtype=torch.uint8)
+    options = dict(bce_weight=1.0, dice_weight=1.0, focal_weight=0.0, alpha=0.25, gamma=2.0, smooth=1.0)
+    with pytest.raises(ValueError, match="reduction none"):
+        _native.launch(
+            "mask_loss_forward", logits.device, options=options, n=2, m=16, dtype=_native.DTYPES[torch.float32],
+            target_dtype=_native.DTYPES[torch.uint8], logits=logits, targets=targets, reduction="none",
+            avg_factor=0.0, sums=torch.empty(2, 6), out=torch.empty(2), grad_logits=torch.empty(2, 16),
+        )  # fmt: skip
