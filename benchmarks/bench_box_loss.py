@@ -114,6 +114,8 @@ def test_box_loss(benchmark, device, copy_bandwidth, n, impl, phase):
         pytest.skip("eager at this size only measures the allocator")
     if impl in PEERS and phase != "full":
         pytest.skip("peers are compared on the full step")
+    if impl == "compile" and phase == "backward":
+        pytest.skip("a compiled backward donates its buffers: it cannot be rerun on one graph (see 'full')")
     pred, target = random_boxes(n, device)
     pred.requires_grad_(phase != "forward")
     loss_fn = _loss_fn(impl)
