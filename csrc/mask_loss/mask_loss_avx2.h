@@ -7,10 +7,12 @@
 // sums without reassociating them). The two divisions per element (the sigmoid's 1 / (1 + e) and
 // log1p's e / (2 + e)) use the hardware reciprocal refined by one Newton step: within 2 ulp of the
 // IEEE quotient, where a divide would cost more than all the other arithmetic of an element.
-// The loops are bound by the number of vector operations, so each one is counted: exp's 2^n comes
-// from a shifter, the sigmoid's larger half is 1 minus the smaller, float targets keep a range
-// rather than a count. Results stay within a few ulp of the portable loops' and independent of
-// the thread count: each piece is summed in a fixed lane order.
+// The loops are bound both by the latency of each element's exp -> reciprocal -> log chain (hence
+// Estrin's scheme and four independent steps per iteration) and by the number of vector
+// operations, so each one is counted: exp's 2^n comes from a shifter, the sigmoid's larger half is
+// 1 minus the smaller, float targets keep a range rather than a count. Results stay within a few
+// ulp of the portable loops' and independent of the thread count: each piece is summed in a fixed
+// lane order.
 #pragma once
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -54,9 +56,9 @@ PYFAST_AVX2_INLINE V exp_nonpos(V x) {
   const V fn = _mm256_sub_ps(shifted, shifter);
   V r = _mm256_fnmadd_ps(fn, set1(0.693359375f), xc);
   r = _mm256_fnmadd_ps(fn, set1(-2.12194440e-4f), r);
-  // The degree-5 polynomial by Estrin's scheme: three dependent steps instead of Horner's five.
-  // The loops are bound by this chain's latency (exp -> reciprocal -> log per element), not by
-  // the number of operations.
+  // The degree-5 polynomial by Estrin's scheme: three dependent steps instead of Horner's five,
+  // for the same number of operations (the chain exp -> reciprocal -> log is each element's
+  // latency).
   const V r2 = _mm256_mul_ps(r, r);
   const V p01 = _mm256_fmadd_ps(set1(1.6666665459e-1f), r, set1(5.0000001201e-1f));
   const V p23 = _mm256_fmadd_ps(set1(8.3334519073e-3f), r, set1(4.1665795894e-2f));
