@@ -129,18 +129,29 @@ def _check_targets_with_torch(targets: torch.Tensor) -> None:
 # ---- pyfast::mask_loss_forward ----
 
 
-def _forward_native(logits, targets, *, reduction, avg_factor, **options):
+def _launch_forward(logits, targets, *, with_grad, reduction, avg_factor, **options):
+    """The native forward kernel: (loss, sums, gradient). with_grad (the CPU only): the kernel also
+    writes d loss / d logits for grad_out = 1, each mask's gradient while it is in cache where its
+    fused loops cover the arguments and the backward kernel after the forward otherwise; else the
+    gradient is None."""
     n, m = _check_masks(logits, targets)
     logits, targets = logits.contiguous(), _kernel_targets(targets, logits.dtype)
     acc = acc_dtype(logits.dtype)
     out = logits.new_empty(() if reduction != "none" else (n,), dtype=acc)
     sums = logits.new_empty((n, NUM_SUMS), dtype=acc)
+    grad_logits = _buffers.empty_like(logits) if with_grad else None
     bad_masks = _native.launch(
         "mask_loss_forward", logits.device, options=options, n=n, m=m, dtype=_native.DTYPES[logits.dtype],
         target_dtype=_native.DTYPES[targets.dtype], logits=logits, targets=targets, reduction=reduction,
-        avg_factor=avg_factor or 0.0, sums=sums, out=out, grad_logits=None,
+        avg_factor=avg_factor or 0.0, sums=sums, out=out, grad_logits=grad_logits,
     )  # fmt: skip
     _check_target_range(targets, bad_masks, lambda: sums[:, _BAD_TARGETS])
+    return out, sums, grad_logits
+
+
+def _forward_native(logits, targets, *, reduction, avg_factor, **options):
+    out, sums, _ = _launch_forward(logits, targets, with_grad=False, reduction=reduction, avg_factor=avg_factor,
+                                   **options)  # fmt: skip
     return out, sums
 
 
@@ -248,25 +259,13 @@ _call_forward = caller(mask_loss_forward)
 
 def _with_grad_native(logits, targets, *, reduction, avg_factor, **options):
     check_reduced("mask_loss_forward_with_grad", reduction)
-    n, m = _check_masks(logits, targets)
     if logits.device.type != "cpu":  # one kernel call computes both on the CPU only; elsewhere, two
         out, sums = _forward_native(logits, targets, reduction=reduction, avg_factor=avg_factor, **options)
         grad_logits = _backward_native(out.new_ones(()), logits, targets, sums, reduction=reduction,
                                        avg_factor=avg_factor, **options)  # fmt: skip
         return out, grad_logits
-    logits, targets = logits.contiguous(), _kernel_targets(targets, logits.dtype)
-    acc = acc_dtype(logits.dtype)
-    out = logits.new_empty((), dtype=acc)
-    sums = logits.new_empty((n, NUM_SUMS), dtype=acc)
-    grad_logits = _buffers.empty_like(logits)
-    # One call: the kernel computes each mask's gradient while it is in cache where its fused
-    # loops cover the arguments, and otherwise runs the backward kernel after the forward.
-    bad_masks = _native.launch(
-        "mask_loss_forward", logits.device, options=options, n=n, m=m, dtype=_native.DTYPES[logits.dtype],
-        target_dtype=_native.DTYPES[targets.dtype], logits=logits, targets=targets, reduction=reduction,
-        avg_factor=avg_factor or 0.0, sums=sums, out=out, grad_logits=grad_logits,
-    )  # fmt: skip
-    _check_target_range(targets, bad_masks, lambda: sums[:, _BAD_TARGETS])
+    out, _, grad_logits = _launch_forward(logits, targets, with_grad=True, reduction=reduction,
+                                          avg_factor=avg_factor, **options)  # fmt: skip
     return out, grad_logits
 
 
