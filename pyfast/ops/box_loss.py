@@ -114,15 +114,26 @@ def _kernel_inputs(pred, target, weight):
 # ---- pyfast::box_loss_forward ----
 
 
-def _forward_native(pred, target, weight, *, reduction, avg_factor, **options):
+def _launch_forward(pred, target, weight, *, with_grad, target_grad, reduction, avg_factor, **options):
+    """The native forward kernel: (loss, grad_pred, grad_target). with_grad (the CPU only): the
+    kernel also writes d loss / d pred, and d loss / d target when target_grad, for grad_out = 1, in
+    the same pass; the gradients not written are None."""
     pred, target, weight = _kernel_inputs(pred, target, weight)
     n = pred.shape[0]
     out = pred.new_empty(() if reduction != "none" else (n,), dtype=acc_dtype(pred.dtype))
+    grad_pred = _buffers.empty_like(pred) if with_grad else None
+    grad_target = _buffers.empty_like(target) if with_grad and target_grad else None
     _native.launch(
         "box_loss_forward", pred.device, options=options, n=n, dtype=_native.DTYPES[pred.dtype], pred=pred,
         target=target, weight_kind=_weight_kind(weight), weight=weight, output="loss", reduction=reduction,
-        avg_factor=avg_factor or 0.0, out=out, grad_pred=None, grad_target=None,
+        avg_factor=avg_factor or 0.0, out=out, grad_pred=grad_pred, grad_target=grad_target,
     )  # fmt: skip
+    return out, grad_pred, grad_target
+
+
+def _forward_native(pred, target, weight, *, reduction, avg_factor, **options):
+    out, _, _ = _launch_forward(pred, target, weight, with_grad=False, target_grad=False, reduction=reduction,
+                                avg_factor=avg_factor, **options)  # fmt: skip
     return out
 
 
@@ -242,17 +253,9 @@ def _with_grad_native(pred, target, weight, *, target_grad, reduction, avg_facto
         grads = _backward_native(loss.new_ones(()), pred, target, weight, target_grad=target_grad, weight_grad=False,
                                  reduction=reduction, avg_factor=avg_factor, **options)  # fmt: skip
         return loss, grads[0], grads[1] if target_grad else _no_target_grad(pred)
-    pred, target, weight = _kernel_inputs(pred, target, weight)
-    n = pred.shape[0]
-    out = pred.new_empty((), dtype=acc_dtype(pred.dtype))
-    grad_pred = _buffers.empty_like(pred)
-    grad_target = _buffers.empty_like(target) if target_grad else _no_target_grad(pred)
-    _native.launch(
-        "box_loss_forward", pred.device, options=options, n=n, dtype=_native.DTYPES[pred.dtype], pred=pred,
-        target=target, weight_kind=_weight_kind(weight), weight=weight, output="loss", reduction=reduction,
-        avg_factor=avg_factor or 0.0, out=out, grad_pred=grad_pred, grad_target=grad_target if target_grad else None,
-    )  # fmt: skip
-    return out, grad_pred, grad_target
+    out, grad_pred, grad_target = _launch_forward(pred, target, weight, with_grad=True, target_grad=target_grad,
+                                                  reduction=reduction, avg_factor=avg_factor, **options)  # fmt: skip
+    return out, grad_pred, grad_target if target_grad else _no_target_grad(pred)
 
 
 def _with_grad_reference(pred, target, weight, *, target_grad, reduction, avg_factor, **options):
