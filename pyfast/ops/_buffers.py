@@ -35,11 +35,12 @@ def _new_lock_in_child() -> None:
 os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
-def empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialized 1-D CPU tensor of `numel` elements of `dtype`, from the pool when large."""
+def empty(numel: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """An uninitialized 1-D tensor of `numel` elements of `dtype`, from the pool when large and on
+    the CPU (elsewhere, torch.empty)."""
     nbytes = numel * dtype.itemsize
-    if nbytes < MIN_BYTES:
-        return torch.empty(numel, dtype=dtype)
+    if torch.device(device).type != "cpu" or nbytes < MIN_BYTES:
+        return torch.empty(numel, dtype=dtype, device=device)
     with _lock:
         array = _take(nbytes)
     return torch.from_numpy(array[:nbytes]).view(dtype)
@@ -47,9 +48,7 @@ def empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 def empty_like(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous torch.empty_like(tensor), from the pool when large and on the CPU."""
-    if tensor.device.type != "cpu" or tensor.numel() * tensor.dtype.itemsize < MIN_BYTES:
-        return torch.empty_like(tensor, memory_format=torch.contiguous_format)
-    return empty(tensor.numel(), tensor.dtype).view(tensor.shape)
+    return empty(tensor.numel(), tensor.dtype, tensor.device).view(tensor.shape)
 
 
 def release() -> int:

@@ -71,10 +71,7 @@ def check_pack_out(out, tensors: Sequence[torch.Tensor], dtype) -> None:
 def _pack_native(tensors, *, dtype, saturate):
     check_pack_inputs(tensors, dtype)
     numel, device = sum(t.numel() for t in tensors), tensors[0].device
-    if device.type == "cpu":
-        buffer = _buffers.empty(numel, dtype)  # large: pages of an earlier, released buffer
-    else:
-        buffer = torch.empty(numel, dtype=dtype, device=device)
+    buffer = _buffers.empty(numel, dtype, device)  # large on the CPU: pages of an earlier, released buffer
     return (buffer, *_launch(tensors, dtype, saturate, buffer))
 
 
