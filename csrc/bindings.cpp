@@ -234,6 +234,8 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("cuda_runtime_version") = 0;
 #endif
+  m.attr("mask_cpu_chunk") = kMaskCpuChunk;
+  m.attr("mask_cpu_max_gradient_in_forward") = kMaskCpuMaxGradientInForward;
   m.def("cpu_parallel_backend", &cpu_parallel_backend,
         "What runs the CPU kernels' threads: 'openmp: <runtime library>' (torch's) or 'pool'.");
 

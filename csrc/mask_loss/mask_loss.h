@@ -31,6 +31,13 @@ enum IoUSum : int { kIoUInter = 0, kIoUUnion = 1, kIoUNaN = 2, kIoUBadTargets = 
 
 }  // namespace mask
 
+// The CPU kernels' work unit (elements; masks longer than this are cut into chunks of it, shorter
+// ones grouped) and the largest mask whose gradient the forward computes in the same pass (its
+// elements stay in cache between the two). Exported by the module, so that pyfast/ops/mask_loss.py
+// routes calls by the same numbers.
+constexpr int64_t kMaskCpuChunk = 16384;
+constexpr int64_t kMaskCpuMaxGradientInForward = int64_t(1) << 18;
+
 // The op's options: the keyword arguments of pyfast.mask_loss that shape the per-mask math.
 struct MaskLossOptions {
   double bce_weight = 1.0;

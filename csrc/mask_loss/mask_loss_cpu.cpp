@@ -22,7 +22,7 @@ namespace {
 // Elements per block: the unit of threading and of partial sums. A mask longer than this is cut
 // into chunks (so one 4096x4096 mask still uses every core); shorter masks are grouped whole.
 // Fixed, so results do not depend on the thread count.
-constexpr int64_t kChunk = 16384;
+constexpr int64_t kChunk = kMaskCpuChunk;
 constexpr int64_t kMinBlocksPerThread = 2;
 // Independent accumulators per sum: the lanes the compiler maps onto SIMD registers. Summing
 // lane-wise keeps the order fixed without -ffast-math (which would also break NaN propagation).
@@ -285,7 +285,7 @@ int64_t iou_impl(const MaskIoU& args, int num_threads) {
   return bad_masks;
 }
 
-constexpr int64_t kMaxGradientInForward = int64_t(1) << 18;
+constexpr int64_t kMaxGradientInForward = kMaskCpuMaxGradientInForward;
 
 // Whether forward_sums_with_grad covers the arguments: float32 logits, binary or float32 targets,
 // no focal term, a reduction, masks of at most kMaxGradientInForward elements (the mask's elements

@@ -57,8 +57,6 @@ REDUCTION = "str reduction, float? avg_factor"
 NUM_SUMS = len(reference.MASK_SUMS)
 _BAD_TARGETS = reference.MASK_SUMS.index("bad_targets")
 _FLOAT_TARGETS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_MAX_GRADIENT_IN_FORWARD = 1 << 18  # csrc/mask_loss/mask_loss_cpu.cpp: kMaxGradientInForward
-_CHUNK = 16384  # csrc/mask_loss/mask_loss_cpu.cpp: kChunk
 
 
 # ---- checks and conversions shared by the kernels and the fakes ----
@@ -408,15 +406,17 @@ def _gradient_in_forward(logits, targets, options, reduction) -> bool:
     return (
         reduction != "none" and logits.requires_grad and torch.is_grad_enabled() and logits.device.type == "cpu"
         and logits.dtype == torch.float32 and targets.dtype in (torch.bool, torch.uint8, torch.float32)
-        and options["focal_weight"] == 0.0
-        and _fits_gradient_in_forward(logits.shape[0], math.prod(logits.shape[1:])) and _native.use_native("cpu")
+        and options["focal_weight"] == 0.0 and _native.use_native("cpu")
+        and _fits_gradient_in_forward(logits.shape[0], math.prod(logits.shape[1:]))
     )  # fmt: skip
 
 
 def _fits_gradient_in_forward(n: int, m: int) -> bool:
     """Masks small enough to stay in cache between their two passes, and enough work for every
-    thread: a mask over one 16,384-element chunk is one thread's (the two kernels split it)."""
-    return m <= _MAX_GRADIENT_IN_FORWARD and (m <= _CHUNK or n >= torch.get_num_threads())
+    thread: a mask over one chunk (16,384 elements) is one thread's (the two kernels split it). The
+    limits are the kernels' own, read from pyfast._C (present: the caller checked use_native)."""
+    limit, chunk = _native._C.mask_cpu_max_gradient_in_forward, _native._C.mask_cpu_chunk
+    return m <= limit and (m <= chunk or n >= torch.get_num_threads())
 
 
 def mask_iou(logits: torch.Tensor, targets: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
