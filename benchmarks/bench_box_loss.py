@@ -34,7 +34,7 @@ import torch
 import pyfast
 from pyfast.ops.reference import box_loss_reference
 
-from conftest import _results, measure
+from conftest import _results, measure, summary_tables
 
 SIZES_CPU = [4096, 65536, 1 << 20]
 SIZES_CUDA = [4096, 65536, 1 << 20, 1 << 22, 1 << 24]
@@ -165,13 +165,10 @@ def test_box_loss_after_torch_op(benchmark, device, n, impl):
             bytes_moved=5 * n * 4 * pred.element_size(), rounds=rounds, setup=op)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _peer_table(request):
-    """After the module: pyfast against its best peer, per size (medians of this run)."""
-    yield
-    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+def _peer_table(reporter):
+    """At the end of the session: pyfast against its best peer, per size (medians of this run)."""
     cases = sorted({case for op, case, _ in _results if op == "box_loss"}, key=lambda c: int(c.split("N=")[1]))
-    if not reporter or not cases:
+    if not cases:
         return
     reporter.section("box loss: pyfast vs the best peer a user would write (giou f32, fwd+bwd)")
     reporter.write_line(f"{'case':<20} {'timing':<14} {'fused ms':>9} {'GB/s':>6} {'best peer':<20} {'peer ms':>8} "
@@ -195,3 +192,6 @@ def _peer_table(request):
             if full and after:
                 reporter.write_line(f"{case:<20} {impl} after op / back to back: {after.seconds / full.seconds:.2f} "
                                     f"({full.seconds * 1e6:.1f} -> {after.seconds * 1e6:.1f} us)")
+
+
+summary_tables.append(_peer_table)

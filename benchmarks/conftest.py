@@ -131,6 +131,11 @@ def _fmt_ratio(base: Measurement | None, fused: Measurement | None) -> str:
     return f"{base.seconds / fused.seconds:.2f}x"
 
 
+# Tables a benchmark module adds after the common one: functions of the terminal reporter, run at
+# the end of the session (a module fixture's teardown would write into captured output).
+summary_tables: list = []
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not _results:
         return
@@ -153,6 +158,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                      **{f"{impl}_s": m.seconds for impl, m in impls.items()},
                      **({"fused_gbps": fused.gbps} if fused and fused.gbps else {}),
                      **({"extra": extras} if extras else {})})
+    for table in summary_tables:
+        table(tr)
     path = os.environ.get("PYFAST_BENCH_JSON")
     if path:
         with open(path, "w") as f:
