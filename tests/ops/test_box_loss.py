@@ -248,6 +248,34 @@ def test_ordinary_boxes_keep_their_bits(device):
         assert torch.equal(a, b[:300])
 
 
+@pytest.mark.parametrize("target_grad", [False, True])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradients_of_16_mb_and_more_keep_their_bits(dtype, reduction, target_grad):
+    """The CPU kernels write gradients of 16 MB or more with streaming stores (box_loss_cpu.cpp:
+    kStreamGradientBytes). A box's gradient under a summed loss does not depend on the other boxes,
+    so the whole must give, bit for bit, what eight parts give with ordinary stores; "sum" takes the
+    gradient in the forward, "none" the backward kernel. The boxes end in a partial chunk and hold
+    a huge pair, whose block is redone by the rescaling path after its streamed stores."""
+    n = (16 << 20) // (4 * dtype.itemsize) + 77
+    pred, target = _inputs(n, "xyxy", dtype=dtype, seed=22)
+    big_p, big_t = _scaled_pairs(1e25 if dtype == torch.float32 else 1e200)
+    pred[5000], target[5000] = big_p[0].to(dtype), big_t[0].to(dtype)
+
+    def grads(p, t):
+        p, t = p.clone().requires_grad_(), t.clone().requires_grad_(target_grad)
+        loss = pyfast.box_loss(p, t, mode="ciou", reduction=reduction)
+        loss.sum().backward()
+        return p.grad, t.grad
+
+    whole = grads(pred, target)
+    parts = [grads(p, t) for p, t in zip(pred.chunk(8), target.chunk(8))]
+    assert torch.isfinite(whole[0]).all()
+    assert torch.equal(whole[0], torch.cat([g for g, _ in parts]))
+    if target_grad:
+        assert torch.equal(whole[1], torch.cat([g for _, g in parts]))
+
+
 def test_known_values(device):
     pred = torch.tensor([[0.0, 0.0, 2.0, 2.0]], device=device)
     target = torch.tensor([[1.0, 1.0, 3.0, 3.0]], device=device)
