@@ -115,7 +115,7 @@ PYFAST_HD bool for_each_box(int64_t count, const T* __restrict__ pred, const T* 
 // gradient this large does not stay in the caches until it is read anyway (the pass also streams
 // twice as many input bytes through them), and an ordinary store first reads each line it writes:
 // a quarter of the pass's memory traffic. At 1M float32 boxes (16 MB of gradient) that made the
-// forward with the gradient ~8% faster here; at 256k-512k boxes it gained nothing in the pass and
+// forward with the gradient ~10% faster here; at 256k-512k boxes it gained nothing in the pass and
 // made reading the gradient afterwards slower (it is then in DRAM rather than in L3).
 constexpr int64_t kStreamGradientBytes = int64_t(16) << 20;
 
