@@ -143,6 +143,12 @@ template <class T, class A> inline bool stream_columns(const BoxColumns<A>& in, 
   return false;
 }
 
+// The chunk's gradients into `boxes`: streamed where asked and stream_columns applies, else
+// from_columns.
+template <class T, class A> inline void store_columns(const BoxColumns<A>& in, int64_t count, T* boxes, bool stream) {
+  if (!stream || !stream_columns(in, count, boxes)) from_columns(in, count, boxes);
+}
+
 // Makes a block's streaming stores visible to other threads before it ends (they bypass the
 // caches' ordering).
 inline void fence_streaming_stores() {
@@ -229,10 +235,8 @@ PYFAST_SIMD_CLONES bool backward_block(const Loss& loss, int64_t count, const A*
         }
       },
       [&](int64_t begin, int64_t n) PYFAST_ELEM_LAMBDA {
-        if (!stream || !stream_columns(gpc, n, grad_pred + 4 * begin)) from_columns(gpc, n, grad_pred + 4 * begin);
-        if (TARGET_GRAD && (!stream || !stream_columns(gtc, n, grad_target + 4 * begin))) {
-          from_columns(gtc, n, grad_target + 4 * begin);
-        }
+        store_columns(gpc, n, grad_pred + 4 * begin, stream);
+        if (TARGET_GRAD) store_columns(gtc, n, grad_target + 4 * begin, stream);
       });
 }
 
