@@ -167,20 +167,11 @@ template <bool kFloatTargets, bool kMasked> PYFAST_AVX2_INLINE V forward_step(V 
   return sigmoid_cache(s, x);
 }
 
-PYFAST_AVX2_INLINE float lane_min(V v) {
-  alignas(32) float f[8];
-  _mm256_store_ps(f, v);
-  float m = f[0];
-  for (int l = 1; l < 8; ++l) m = f[l] < m ? f[l] : m;
-  return m;
-}
-
-PYFAST_AVX2_INLINE float lane_max(V v) {
-  alignas(32) float f[8];
-  _mm256_store_ps(f, v);
-  float m = f[0];
-  for (int l = 1; l < 8; ++l) m = f[l] > m ? f[l] : m;
-  return m;
+// Whether a piece's target range (ForwardAcc's tmin, tmax) leaves [0, 1] in any lane.
+PYFAST_AVX2_INLINE bool range_leaves_unit(V tmin, V tmax) {
+  const V below = _mm256_cmp_ps(tmin, _mm256_setzero_ps(), _CMP_LT_OQ);
+  const V above = _mm256_cmp_ps(tmax, set1(1.0f), _CMP_GT_OQ);
+  return _mm256_movemask_ps(_mm256_or_ps(below, above)) != 0;
 }
 
 PYFAST_AVX2_INLINE double lane_sum(V v) {
@@ -239,14 +230,10 @@ PYFAST_AVX2_FN void forward_sums(const float* x, const TT* t, int64_t count, dou
   out[kSumP] = lane_sum(acc.p);
   out[kSumT] = lane_sum(acc.t);
   out[kSumBadTargets] = 0.0;
-  if (kFloatTargets) {
-    const float lowest = lane_min(acc.tmin);
-    const float highest = lane_max(acc.tmax);
-    if (lowest < 0.0f || highest > 1.0f) {
-      double bad = 0.0;
-      for (int64_t k = 0; k < count; ++k) bad += bad_target(static_cast<double>(t[k]));
-      out[kSumBadTargets] = bad;
-    }
+  if (kFloatTargets && range_leaves_unit(acc.tmin, acc.tmax)) {
+    double bad = 0.0;
+    for (int64_t k = 0; k < count; ++k) bad += bad_target(static_cast<double>(t[k]));
+    out[kSumBadTargets] = bad;
   }
 }
 
