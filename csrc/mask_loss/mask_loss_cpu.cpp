@@ -285,14 +285,13 @@ int64_t iou_impl(const MaskIoU& args, int num_threads) {
   return bad_masks;
 }
 
-constexpr int64_t kMaxGradientInForward = kMaskCpuMaxGradientInForward;
-
 // Whether forward_sums_with_grad covers the arguments: float32 logits, binary or float32 targets,
-// no focal term, a reduction, masks of at most kMaxGradientInForward elements (the mask's elements
-// stay in cache between its two passes), a CPU with AVX2 + FMA and the fast loops not forced off.
+// no focal term, a reduction, masks of at most kMaskCpuMaxGradientInForward elements (the mask's
+// elements stay in cache between its two passes), a CPU with AVX2 + FMA and the fast loops not
+// forced off.
 bool gradient_in_forward(const MaskLossForward& args) {
   if (focal_mode(args.options) != mask::kNoFocal || args.reduction == Reduction::None ||
-      args.m > kMaxGradientInForward) {
+      args.m > kMaskCpuMaxGradientInForward) {
     return false;
   }
   bool supported = false;

@@ -402,7 +402,7 @@ def mask_loss(
 def _gradient_in_forward(logits, targets, options, reduction) -> bool:
     """Whether mask_loss takes mask_loss_forward_with_grad (module docstring): a reduced loss on the
     CPU that will be differentiated, with the native kernels, in the case they fuse (float32 logits,
-    binary or float32 targets, no focal term, masks of at most kMaxGradientInForward elements)."""
+    binary or float32 targets, no focal term, masks of at most kMaskCpuMaxGradientInForward elements)."""
     return (
         reduction != "none" and logits.requires_grad and torch.is_grad_enabled() and logits.device.type == "cpu"
         and logits.dtype == torch.float32 and targets.dtype in (torch.bool, torch.uint8, torch.float32)
