@@ -41,18 +41,24 @@ def empty(numel: int, dtype: torch.dtype, device: torch.device | str = "cpu") ->
     nbytes = numel * dtype.itemsize
     if nbytes < MIN_BYTES or torch.device(device).type != "cpu":  # the size first: it is the cheaper test
         return torch.empty(numel, dtype=dtype, device=device)
-    with _lock:
-        array = _take(nbytes)
-    return torch.from_numpy(array[:nbytes]).view(dtype)
+    return _from_pool(nbytes, dtype)
 
 
 def empty_like(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous torch.empty_like(tensor), from the pool when large and on the CPU."""
     # Small outputs (every op's on a few thousand boxes) take torch.empty_like directly: going
     # through empty() and a view costs ~4 us more per call.
-    if tensor.numel() * tensor.element_size() < MIN_BYTES or tensor.device.type != "cpu":
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes < MIN_BYTES or tensor.device.type != "cpu":
         return torch.empty_like(tensor, memory_format=torch.contiguous_format)
-    return empty(tensor.numel(), tensor.dtype).view(tensor.shape)
+    return _from_pool(nbytes, tensor.dtype).view(tensor.shape)
+
+
+def _from_pool(nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+    """A 1-D CPU tensor of `dtype` over nbytes of a pooled array."""
+    with _lock:
+        array = _take(nbytes)
+    return torch.from_numpy(array[:nbytes]).view(dtype)
 
 
 def release() -> int:
